@@ -1,0 +1,165 @@
+"""Keras layers of the 4-block ConvNet with pluggable latent noise.
+
+Every layer owns its variables (built the Keras way) but its ``call`` also
+takes an explicit ``params`` dict that overrides them.  The meta-learner
+therefore runs the inner loop as a pure function of tensors (θ after k inner
+steps, φ, β) without assigning to any variable inside a tape.
+
+Each layer sorts its variables into three groups, by short name:
+
+* ``theta``: adapted in the inner loop (conv / dense kernels and biases);
+* ``phi``:   the noise generator, meta-learned only;
+* ``beta``:  batch-norm offsets, meta-learned only.
+
+A noise kind (``src.noise``) may add variables to either ``theta`` (if the
+variant adapts them in the inner loop) or ``phi``.
+"""
+
+import tensorflow as tf
+
+from src import noise as noise_lib
+
+BN_EPSILON = 1e-3
+
+
+def conv_init(seed):
+    """Original initialiser of the conv kernels: truncated normal, std 0.02."""
+    return tf.keras.initializers.TruncatedNormal(stddev=0.02, seed=seed)
+
+
+def dense_init(seed):
+    """Original initialiser of the dense kernels: normal, std 0.02."""
+    return tf.keras.initializers.RandomNormal(stddev=0.02, seed=seed)
+
+
+def batch_norm(x, offset, groups=1, fused=True):
+    """Transductive batch norm (batch statistics, centre only, no scale).
+
+    Args:
+      x: [G*N, H, W, C] pre-activations; the batch is ``groups`` independent
+        forward passes stacked (e.g. Monte-Carlo noise samples), each
+        normalised with its own statistics, as if run separately.
+      offset: [C] the β of this block.
+      groups: number of stacked passes G.
+      fused: use ``tf.compat.v1.nn.fused_batch_norm`` (float32, groups == 1),
+        whose second derivative is correct and which is faster; otherwise the
+        mean and variance are written out so that both derivatives flow
+        through them (``tf.nn.moments`` stops the gradient of the mean inside
+        the variance, which breaks second-order MAML).
+    Returns:
+      [G*N, H, W, C], normalised and shifted by ``offset``.
+    """
+    if fused and groups == 1 and x.dtype == tf.float32:
+        scale = tf.ones_like(offset)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=BN_EPSILON, is_training=True)
+        return y
+    shape = tf.shape(x)
+    xg = tf.reshape(x, tf.concat([[groups, -1], shape[1:]], 0))
+    mean = tf.reduce_mean(xg, axis=[1, 2, 3], keepdims=True)
+    var = tf.reduce_mean(tf.square(xg - mean), axis=[1, 2, 3], keepdims=True)
+    y = (xg - mean) * tf.math.rsqrt(var + BN_EPSILON) + offset
+    return tf.reshape(y, shape)
+
+
+class _ParamLayer(tf.keras.layers.Layer):
+    """Base: remembers which group each weight belongs to."""
+
+    def __init__(self, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self._seed = seed
+        self._draws = 0
+        self.groups = {"theta": {}, "phi": {}, "beta": {}}
+
+    def new_weight(self, group, name, shape, init):
+        """Adds a weight to ``group`` ('theta', 'phi' or 'beta').
+
+        ``init`` is 'conv', 'dense' or 'zeros'.  Every weight gets its own
+        seeded initializer, since a reused unseeded Keras initializer repeats
+        its values.
+        """
+        self._draws += 1
+        seed = self._seed * 1000 + self._draws
+        initializer = {"conv": conv_init(seed), "dense": dense_init(seed),
+                       "zeros": tf.keras.initializers.Zeros()}[init]
+        var = self.add_weight(name=name, shape=shape, initializer=initializer,
+                              trainable=True)
+        self.groups[group][name] = var
+        return var
+
+    def own_params(self):
+        """{short name: variable} of all groups of this layer (the defaults
+        that a ``params`` override replaces key by key)."""
+        return {k: v for g in self.groups.values() for k, v in g.items()}
+
+
+class ConvBlock(_ParamLayer):
+    """3x3 conv (θ) → noise → batch norm (β) → ReLU → 2x2 max-pool.
+
+    With ``smooth=True``, softplus replaces ReLU and average pooling replaces
+    max pooling: the same network made twice differentiable everywhere, for
+    finite-difference checks of second-order meta-gradients.
+    """
+
+    def __init__(self, channels, noise="none", smooth=False, fused_bn=True,
+                 seed=0, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.channels = channels
+        self.noise = noise_lib.make_block_noise(noise)
+        self.smooth = smooth
+        self.fused_bn = fused_bn
+
+    def build(self, input_shape):
+        cin = int(input_shape[-1])
+        self.new_weight("theta", "kernel", [3, 3, cin, self.channels], "conv")
+        self.new_weight("theta", "bias", [self.channels], "zeros")
+        self.new_weight("beta", "offset", [self.channels], "zeros")
+        self.noise.build(self, cin, self.channels)
+        super().build(input_shape)
+
+    def call(self, h, params=None, sample=False, seed=None, groups=1,
+             taps=None):
+        """Forward one block.
+
+        Args:
+          h: [G*N, H, W, Cin] block input.
+          params: optional {short name: tensor} overriding this layer's weights.
+          sample: draw the noise (inner loop) or use its deterministic value.
+          seed: int32 [2] stateless seed for the noise (needed when sampling).
+          groups: number of stacked passes in the batch (see ``batch_norm``).
+          taps: optional dict; if given, the noise writes diagnostic tensors
+            into it (e.g. the multiplicative mask).
+        Returns:
+          [G*N, H/2, W/2, C].
+        """
+        p = {**self.own_params(), **(params or {})}
+        mu = tf.nn.conv2d(h, p["kernel"], 1, "SAME") + p["bias"]
+        x = self.noise(h, mu, p, sample=sample, seed=seed, taps=taps)
+        x = batch_norm(x, p["offset"], groups=groups, fused=self.fused_bn)
+        if self.smooth:
+            x = tf.nn.softplus(x)
+            return tf.nn.avg_pool2d(x, 2, 2, "VALID")
+        x = tf.nn.relu(x)
+        return tf.nn.max_pool2d(x, 2, 2, "VALID")
+
+
+class DenseHead(_ParamLayer):
+    """Dense layer to ``way`` logits (θ), with optional head noise."""
+
+    def __init__(self, way, noise="none", seed=0, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.way = way
+        self.noise = noise_lib.make_head_noise(noise)
+
+    def build(self, input_shape):
+        features = int(input_shape[-1])
+        self.new_weight("theta", "kernel", [features, self.way], "dense")
+        self.new_weight("theta", "bias", [self.way], "zeros")
+        self.noise.build(self, features, self.way)
+        super().build(input_shape)
+
+    def call(self, h, params=None, sample=False, seed=None, taps=None):
+        """[N, F] features → [N, way] logits (see ConvBlock.call for args)."""
+        p = {**self.own_params(), **(params or {})}
+        mu = tf.matmul(h, p["kernel"]) + p["bias"]
+        return self.noise(h, mu, p, sample=sample, seed=seed, taps=taps)

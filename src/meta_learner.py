@@ -1,0 +1,189 @@
+"""MAML / Meta-SGD with meta-dropout: the inner loop and the meta-step.
+
+One meta-iteration, top to bottom:
+
+1. ``MetaLearner.train_step(batch, seed)`` opens the outer tape.
+2. For each task b, ``task_loss`` runs ``adapt``: K inner SGD steps on the
+   support set, from θ, with the noise sampled (S Monte-Carlo passes), each
+   step's gradient taken with an inner tape *inside* the outer one, so that
+   the outer gradient goes through it (second order).  θ is handled as
+   tensors; no variable is assigned inside a tape.
+3. The adapted θ_K classifies the query set with the noise deterministic; the
+   cross-entropy, averaged over the meta-batch, is the meta-loss.
+4. The meta-gradient w.r.t. θ, φ, β (and Meta-SGD's step sizes) is clipped
+   element-wise to [-clip, clip] and applied with Adam.
+"""
+
+import tensorflow as tf
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy; logits [N, way], labels int [N] -> scalar."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=labels, logits=logits))
+
+
+def accuracy(logits, labels):
+    """Fraction of argmax hits; logits [N, way], labels int [N] -> scalar."""
+    hits = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
+    return tf.reduce_mean(tf.cast(hits, tf.float32))
+
+
+def support_loss(model, params, x, y, mc_samples, seed):
+    """Inner-loop loss: cross-entropy with sampled noise, averaged over the N
+    support examples and S Monte-Carlo samples.
+
+    The S passes are stacked into one batch [S*N, ...] whose batch norm keeps
+    each pass's own statistics, which equals S separate forward passes.
+
+    Args:
+      model: a ``ConvNet``.  params: flat dict of (adapted) parameters.
+      x: [N, H, W, C] support images.  y: int [N] labels.
+      mc_samples: S.  seed: int [2] stateless noise seed.
+    Returns:
+      scalar loss.
+    """
+    xs = tf.tile(x, [mc_samples, 1, 1, 1])
+    ys = tf.tile(y, [mc_samples])
+    logits = model.forward(xs, params, sample=True, seed=seed,
+                           groups=mc_samples)
+    return cross_entropy(logits, ys)
+
+
+def adapt(model, params, inner_lr, x, y, steps, mc_samples, seed,
+          first_order=False):
+    """K inner SGD steps on the support set, as a pure function.
+
+    Args:
+      model: a ``ConvNet``.
+      params: flat dict of θ, φ, β (variables or tensors); only the keys of
+        ``model.group("theta")`` are adapted.
+      inner_lr: {θ key: scalar or tensor of θ's shape} step sizes.
+      x: [N, H, W, C], y: int [N] the support set.
+      steps: K.  mc_samples: S.  seed: int [2].
+      first_order: stop the gradient of each inner gradient (first-order
+        MAML); the default keeps the full second-order meta-gradient.
+    Returns:
+      flat dict {θ key: adapted tensor}.
+    """
+    fast = {k: tf.identity(params[k]) for k in model.group("theta")}
+    for k in range(steps):
+        step_seed = tf.random.experimental.stateless_fold_in(seed, k)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(fast)
+            loss = support_loss(model, {**params, **fast}, x, y, mc_samples,
+                                step_seed)
+        grads = tape.gradient(loss, fast)
+        if first_order:
+            grads = {n: tf.stop_gradient(g) for n, g in grads.items()}
+        fast = {n: fast[n] - inner_lr[n] * grads[n] for n in fast}
+    return fast
+
+
+def task_loss(model, params, inner_lr, support_x, support_y, query_x,
+              query_y, steps, mc_samples, seed, first_order=False):
+    """Adapts on one task's support set and scores the query set.
+
+    Shapes: support_x [Ns, H, W, C], support_y int [Ns], query_x
+    [Nq, H, W, C], query_y int [Nq].  Returns (query loss, query accuracy),
+    the query pass having deterministic noise.
+    """
+    fast = adapt(model, params, inner_lr, support_x, support_y, steps,
+                 mc_samples, seed, first_order)
+    logits = model.forward(query_x, {**params, **fast}, sample=False)
+    return cross_entropy(logits, query_y), accuracy(logits, query_y)
+
+
+class MetaLearner(tf.Module):
+    """Owns the meta-parameters' optimiser and the compiled steps.
+
+    Args:
+      model: a built ``ConvNet`` (owns θ, φ, β).
+      inner_lr: α, the inner step size.
+      inner_steps: K.
+      meta_lr: Adam's learning rate.
+      meta_sgd: learn one inner step size per θ element (Meta-SGD),
+        initialised to ``inner_lr``; otherwise α is a constant (MAML).
+      first_order: drop second-order terms (an option, never the default).
+      mc_samples: S at meta-training.
+      clip: element-wise meta-gradient clip to [-clip, clip]; 0 disables.
+    """
+
+    def __init__(self, model, inner_lr, inner_steps, meta_lr, meta_sgd=False,
+                 first_order=False, mc_samples=1, clip=3.0):
+        super().__init__(name="meta_learner")
+        self.model = model
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.mc_samples = mc_samples
+        self.clip = clip
+        theta = model.group("theta")
+        if meta_sgd:
+            self.inner_lr = {k: tf.Variable(tf.fill(v.shape, tf.cast(inner_lr, v.dtype)),
+                                            name="lr/" + k)
+                             for k, v in theta.items()}
+        else:
+            self.inner_lr = {k: tf.constant(inner_lr, v.dtype)
+                             for k, v in theta.items()}
+        self.meta_sgd = meta_sgd
+        self.variables_list = list(model.params().values())
+        if meta_sgd:
+            self.variables_list += list(self.inner_lr.values())
+        self.optimizer = tf.keras.optimizers.Adam(meta_lr)
+        # Create Adam's slots now, so that the compiled step is traced once.
+        self.optimizer.build(self.variables_list)
+
+    def meta_loss(self, batch, seed, mc_samples=None):
+        """Mean query loss and accuracy over a meta-batch.
+
+        Args:
+          batch: dict with support_x [B, Ns, H, W, C], support_y int [B, Ns],
+            query_x [B, Nq, H, W, C], query_y int [B, Nq] (B static).
+          seed: int [2]; task b uses fold_in(seed, b).
+        Returns:
+          (scalar loss, [B] per-task accuracies).
+        """
+        params = self.model.params()
+        mc = self.mc_samples if mc_samples is None else mc_samples
+        losses, accs = [], []
+        for b in range(batch["support_x"].shape[0]):
+            loss, acc = task_loss(
+                self.model, params, self.inner_lr,
+                batch["support_x"][b], batch["support_y"][b],
+                batch["query_x"][b], batch["query_y"][b],
+                self.inner_steps, mc,
+                tf.random.experimental.stateless_fold_in(seed, b),
+                self.first_order)
+            losses.append(loss)
+            accs.append(acc)
+        return tf.add_n(losses) / len(losses), tf.stack(accs)
+
+    def meta_gradients(self, batch, seed):
+        """(loss, [B] accuracies, gradients aligned with ``variables_list``).
+
+        Parameters without a path to the meta-loss (the head's φ under first
+        order) get zeros rather than None.
+        """
+        with tf.GradientTape() as tape:
+            loss, accs = self.meta_loss(batch, seed)
+        grads = tape.gradient(loss, self.variables_list,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, accs, grads
+
+    @tf.function
+    def train_step(self, batch, seed):
+        """One meta-iteration; returns a dict of scalar metrics."""
+        loss, accs, grads = self.meta_gradients(batch, seed)
+        grad_norm = tf.linalg.global_norm(grads)
+        if self.clip:
+            grads = [tf.clip_by_value(g, -self.clip, self.clip) for g in grads]
+        self.optimizer.apply_gradients(zip(grads, self.variables_list))
+        return {"loss": loss, "accuracy": tf.reduce_mean(accs),
+                "grad_norm": grad_norm}
+
+    @tf.function
+    def eval_step(self, batch, seed, mc_samples):
+        """Per-episode query accuracies [B] after adaptation with
+        ``mc_samples`` (Python int) noise samples per inner step."""
+        _, accs = self.meta_loss(batch, seed, mc_samples)
+        return accs

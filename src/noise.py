@@ -1,0 +1,86 @@
+"""Latent noise kinds, one small class each.
+
+A noise kind sits between a layer's linear map μ (computed with θ) and what
+follows it.  It may own variables, which it registers on its host layer in
+``build``: in group ``phi`` if they are meta-learned only (meta-dropout's
+noise generator), or in group ``theta`` if the inner loop adapts them.  The
+meta-learner never needs to know which kind is in use.
+
+Adding a Table 2 / Table 3 variant means adding one class here and one entry
+in ``BLOCK_NOISES`` or ``HEAD_NOISES``.
+"""
+
+import tensorflow as tf
+
+
+def normal(shape, seed, dtype):
+    """ε ~ N(0, I) from a stateless seed (repeatable inside tf.function)."""
+    return tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
+
+
+class NoNoise:
+    """Plain MAML: the block / head output is μ."""
+
+    def build(self, layer, fan_in, units):
+        pass
+
+    def __call__(self, h, mu, p, sample, seed, taps=None):
+        return mu
+
+
+class MultiplicativeMetaDropout:
+    """Meta-dropout in a conv block (paper Eq. 5; original code).
+
+    α = conv_φ(h);  a = α + ε (sample) or a = α (deterministic);
+    output = μ ⊙ softplus(a).
+    """
+
+    def build(self, layer, fan_in, units):
+        layer.new_weight("phi", "noise_kernel", [3, 3, fan_in, units], "conv")
+        layer.new_weight("phi", "noise_bias", [units], "zeros")
+
+    def __call__(self, h, mu, p, sample, seed, taps=None):
+        alpha = tf.nn.conv2d(h, p["noise_kernel"], 1, "SAME") + p["noise_bias"]
+        a = alpha + normal(tf.shape(alpha), seed, alpha.dtype) if sample else alpha
+        z = tf.nn.softplus(a)
+        if taps is not None:
+            taps["mask"] = z
+        return mu * z
+
+
+class AdditiveHeadNoise:
+    """Meta-dropout's dense head (original code).
+
+    σ = softplus(h · w_φ + b_φ), with one column w_φ [F, 1] and a scalar b_φ
+    shared by (tiled across) the ``way`` logits;
+    logits = μ + σ ⊙ ε (sample) or μ (deterministic).
+
+    σ never reaches the deterministic query pass, so its φ gets a
+    meta-gradient only through the inner loop: zero under first order.
+    """
+
+    def build(self, layer, fan_in, units):
+        layer.new_weight("phi", "noise_kernel", [fan_in, 1], "dense")
+        layer.new_weight("phi", "noise_bias", [1], "zeros")
+
+    def __call__(self, h, mu, p, sample, seed, taps=None):
+        if not sample:
+            return mu
+        sigma = tf.nn.softplus(tf.matmul(h, p["noise_kernel"]) + p["noise_bias"])
+        if taps is not None:
+            taps["sigma"] = sigma
+        return mu + sigma * normal(tf.shape(mu), seed, mu.dtype)
+
+
+BLOCK_NOISES = {"none": NoNoise, "meta_dropout": MultiplicativeMetaDropout}
+HEAD_NOISES = {"none": NoNoise, "meta_dropout": AdditiveHeadNoise}
+
+
+def make_block_noise(name):
+    """Returns a new conv-block noise of kind ``name`` (see BLOCK_NOISES)."""
+    return BLOCK_NOISES[name]()
+
+
+def make_head_noise(name):
+    """Returns a new dense-head noise of kind ``name`` (see HEAD_NOISES)."""
+    return HEAD_NOISES[name]()

@@ -1,0 +1,201 @@
+"""Meta-training entry point.
+
+    python -m src.train --config yaml/omniglot_1shot_metadrop.yaml \
+        --workdir runs/omniglot_1shot_metadrop [key=value ...]
+
+Rerunning the same command resumes from the last checkpoint of the workdir.
+The workdir receives config.yaml (resolved), checkpoints/, train.log and
+TensorBoard events (tb/).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from src import data as data_lib
+from src.config import load_config, save_config, ConfigError
+from src.meta_learner import MetaLearner
+from src.model import ConvNet
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "val_every",
+                     "val_episodes", "test_episodes", "test_mc_samples",
+                     "eval_batch", "data_dir")
+
+
+def build(config):
+    """Model and meta-learner of a config (fresh variables, seeded)."""
+    model = ConvNet(config.dataset, config.way, noise=config.noise,
+                    fused_bn=config.fused_bn, seed=config.seed)
+    learner = MetaLearner(
+        model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+        meta_lr=config.meta_lr, meta_sgd=config.learner == "meta_sgd",
+        first_order=config.first_order,
+        mc_samples=config.mc_samples if config.noise != "none" else 1,
+        clip=config.clip)
+    return model, learner
+
+
+def make_checkpoint(learner, workdir):
+    """(checkpoint, manager, step, sampler_state) over the learner's state."""
+    step = tf.Variable(0, dtype=tf.int64, name="step")
+    sampler_state = tf.Variable("", dtype=tf.string, name="sampler_state")
+    ckpt = tf.train.Checkpoint(learner=learner, step=step,
+                               sampler_state=sampler_state)
+    manager = tf.train.CheckpointManager(
+        ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
+    return ckpt, manager, step, sampler_state
+
+
+def image_shape(config):
+    return (28, 28, 1) if config.dataset == "omniglot" else (84, 84, 3)
+
+
+def val_split_path(config):
+    """miniImageNet has a validation split; Omniglot's protocol has none, so
+    its validation curve uses fixed episodes of the test classes (nothing is
+    selected on it: the last checkpoint is the one evaluated)."""
+    path = os.path.join(config.data_dir, "val.npy")
+    return path if os.path.exists(path) else os.path.join(config.data_dir, "test.npy")
+
+
+def evaluate_episodes(learner, config, images, num_episodes, seed):
+    """Accuracies [num_episodes] on fixed episodes of ``images`` [C, N, D]."""
+    mc = config.test_mc_samples if config.noise != "none" else 1
+    batches = data_lib.fixed_episodes(
+        images, image_shape(config), config.way, config.shot, config.query,
+        num_episodes, seed, config.eval_batch)
+    accs = [learner.eval_step(batch, tf.constant([seed, i], tf.int64), mc).numpy()
+            for i, batch in enumerate(batches)]
+    return np.concatenate(accs)
+
+
+@tf.function
+def noise_stats(model, x):
+    """Per-block mean and std of the multiplicative mask softplus(α) on x."""
+    taps = {}
+    model.forward(x, taps=taps)
+    return {f"{layer}/{k}_{s}": f(v) for layer, t in taps.items()
+            for k, v in t.items()
+            for s, f in (("mean", tf.reduce_mean), ("std", tf.math.reduce_std))}
+
+
+def _check_resume(config, workdir):
+    path = os.path.join(workdir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    old = dataclasses.asdict(load_config(path))
+    new = dataclasses.asdict(config)
+    changed = [k for k in new if old[k] != new[k] and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"{workdir} holds a run with a different config ({', '.join(changed)}); "
+            "use another --workdir or the same settings")
+
+
+class Logger:
+    """Text log (train.log + stdout) and TensorBoard scalars."""
+
+    def __init__(self, workdir):
+        self.file = open(os.path.join(workdir, "train.log"), "a")
+        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+
+    def line(self, text):
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def scalars(self, step, values):
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+        self.writer.flush()
+
+
+def train(config, workdir):
+    """Meta-trains ``config`` in ``workdir``, resuming if it has checkpoints.
+
+    Returns the number of iterations trained.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    _check_resume(config, workdir)
+    save_config(config, os.path.join(workdir, "config.yaml"))
+    if config.deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
+
+    train_images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
+    sampler = data_lib.EpisodeSampler(
+        train_images, image_shape(config), config.way, config.shot,
+        config.query, seed=config.seed, shared_classes=config.shared_classes)
+    val_images = (data_lib.load_split(val_split_path(config))
+                  if config.val_every else None)
+
+    model, learner = build(config)
+    ckpt, manager, step, sampler_state = make_checkpoint(learner, workdir)
+    log = Logger(workdir)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_consumed()
+        sampler.set_state(json.loads(sampler_state.numpy().decode()))
+        log.line(f"resumed from {manager.latest_checkpoint} at iteration {int(step)}")
+
+    start, t0, window = int(step), time.time(), []
+    for it in range(start + 1, config.iterations + 1):
+        batch = sampler.sample(config.meta_batch)
+        tic = time.time()
+        metrics = learner.train_step(batch, tf.constant([config.seed, it], tf.int64))
+        window.append({k: float(v) for k, v in metrics.items()})
+        window[-1]["sec"] = time.time() - tic
+        step.assign(it)
+        if it % config.log_every == 0 or it == config.iterations:
+            _log_progress(log, it, config, window, t0, start, learner, batch)
+            window = []
+        if config.val_every and it % config.val_every == 0:
+            accs = evaluate_episodes(learner, config, val_images,
+                                     config.val_episodes, seed=config.test_seed + 1)
+            log.scalars(it, {"val/accuracy": float(np.mean(accs))})
+            log.line(f"iter {it}: validation accuracy {100 * np.mean(accs):.2f}% "
+                     f"on {len(accs)} fixed episodes")
+        if it % config.ckpt_every == 0 or it == config.iterations:
+            sampler_state.assign(json.dumps(sampler.get_state()))
+            manager.save(checkpoint_number=it)
+    return int(step)
+
+
+def _log_progress(log, it, config, window, t0, start, learner, batch):
+    mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    rate = (it - start) / (time.time() - t0)
+    eta = (config.iterations - it) / rate
+    values = {"train/loss": mean["loss"], "train/accuracy": mean["accuracy"],
+              "train/grad_norm": mean["grad_norm"],
+              "train/learning_rate": float(learner.optimizer.learning_rate),
+              "train/iters_per_sec": 1.0 / mean["sec"]}
+    if config.noise != "none":
+        stats = noise_stats(learner.model, batch["query_x"][0])
+        values.update({f"noise/{k}": float(v) for k, v in stats.items()})
+    log.scalars(it, values)
+    log.line(f"iter {it}/{config.iterations}  loss {mean['loss']:.4f}  "
+             f"acc {100 * mean['accuracy']:.2f}%  {mean['sec']:.2f} s/iter  "
+             f"ETA {eta / 60:.1f} min")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="yaml file under yaml/")
+    parser.add_argument("--workdir", required=True, help="run directory")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        train(config, args.workdir)
+    except (ConfigError, data_lib.DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
