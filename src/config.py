@@ -48,6 +48,8 @@ class Config:
     val_every: int = 1000            # 0 disables
     val_episodes: int = 100          # fixed validation episodes
     deterministic_ops: bool = False  # tf op determinism (for bitwise resume checks)
+    intra_op_threads: int = 1        # threads per op; 0 = TensorFlow's default
+    inter_op_threads: int = 0        # ops run side by side; 0 = TensorFlow's default
 
     # Meta-test.
     test_episodes: int = 1000

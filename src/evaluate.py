@@ -19,7 +19,7 @@ import numpy as np
 
 from src import data as data_lib
 from src.config import ConfigError, load_config
-from src.train import build, evaluate_episodes, make_checkpoint
+from src.train import build, configure_tensorflow, evaluate_episodes, make_checkpoint
 
 
 def summarize(accs):
@@ -30,6 +30,7 @@ def summarize(accs):
 
 def evaluate(config, workdir):
     """Evaluates the run in ``workdir``; returns the results dict it writes."""
+    configure_tensorflow(config)
     model, learner = build(config)
     ckpt, manager, step, _ = make_checkpoint(learner, workdir)
     if not manager.latest_checkpoint:

@@ -1,7 +1,9 @@
 """Latent noise kinds, one small class each.
 
 A noise kind sits between a layer's linear map μ (computed with θ) and what
-follows it.  It may own variables, which it registers on its host layer in
+follows it.  If it needs linear maps of the layer's input h of its own (α =
+conv_φ(h)), it lists their (kernel, bias) in ``input_maps``; the host layer
+computes them with its own conv / matmul and hands the results over.  It may own variables, which it registers on its host layer in
 ``build``: in group ``phi`` if they are meta-learned only (meta-dropout's
 noise generator), or in group ``theta`` if the inner loop adapts them.  The
 meta-learner never needs to know which kind is in use.
@@ -24,11 +26,18 @@ class NoNoise:
     def build(self, layer, fan_in, units):
         pass
 
-    def __call__(self, h, mu, p, sample, seed, taps=None):
+    def input_maps(self, p):
+        """[(kernel, bias)] of extra linear maps of the layer input."""
+        return []
+
+    def __call__(self, h, mu, maps, p, sample, seed, taps=None):
+        """Args: h the layer input, mu its θ map, maps the results of
+        ``input_maps`` on h, p the layer's parameters, sample / seed as in
+        the layer.  Returns the layer's output before batch norm."""
         return mu
 
 
-class MultiplicativeMetaDropout:
+class MultiplicativeMetaDropout(NoNoise):
     """Meta-dropout in a conv block (paper Eq. 5; original code).
 
     α = conv_φ(h);  a = α + ε (sample) or a = α (deterministic);
@@ -39,8 +48,11 @@ class MultiplicativeMetaDropout:
         layer.new_weight("phi", "noise_kernel", [3, 3, fan_in, units], "conv")
         layer.new_weight("phi", "noise_bias", [units], "zeros")
 
-    def __call__(self, h, mu, p, sample, seed, taps=None):
-        alpha = tf.nn.conv2d(h, p["noise_kernel"], 1, "SAME") + p["noise_bias"]
+    def input_maps(self, p):
+        return [(p["noise_kernel"], p["noise_bias"])]
+
+    def __call__(self, h, mu, maps, p, sample, seed, taps=None):
+        alpha, = maps
         a = alpha + normal(tf.shape(alpha), seed, alpha.dtype) if sample else alpha
         z = tf.nn.softplus(a)
         if taps is not None:
@@ -48,7 +60,7 @@ class MultiplicativeMetaDropout:
         return mu * z
 
 
-class AdditiveHeadNoise:
+class AdditiveHeadNoise(NoNoise):
     """Meta-dropout's dense head (original code).
 
     σ = softplus(h · w_φ + b_φ), with one column w_φ [F, 1] and a scalar b_φ
@@ -63,7 +75,7 @@ class AdditiveHeadNoise:
         layer.new_weight("phi", "noise_kernel", [fan_in, 1], "dense")
         layer.new_weight("phi", "noise_bias", [1], "zeros")
 
-    def __call__(self, h, mu, p, sample, seed, taps=None):
+    def __call__(self, h, mu, maps, p, sample, seed, taps=None):
         if not sample:
             return mu
         sigma = tf.nn.softplus(tf.matmul(h, p["noise_kernel"]) + p["noise_bias"])

@@ -29,6 +29,23 @@ RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "val_every",
                      "eval_batch", "data_dir")
 
 
+def configure_tensorflow(config):
+    """Thread pools and determinism; must run before TensorFlow's first op.
+
+    One thread per op with several ops side by side was measured fastest on
+    2 CPU cores (3.9 s against 4.5 s per meta-iteration with TensorFlow's
+    defaults): the inner loop's 20-image convolutions parallelise poorly
+    within an op, while the tasks of a meta-batch are independent.
+    """
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(config.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(config.inter_op_threads)
+    except RuntimeError:
+        pass  # already initialised (several runs in one process, e.g. tests)
+    if config.deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
+
+
 def build(config):
     """Model and meta-learner of a config (fresh variables, seeded)."""
     model = ConvNet(config.dataset, config.way, noise=config.noise,
@@ -126,8 +143,7 @@ def train(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     _check_resume(config, workdir)
     save_config(config, os.path.join(workdir, "config.yaml"))
-    if config.deterministic_ops:
-        tf.config.experimental.enable_op_determinism()
+    configure_tensorflow(config)
 
     train_images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     sampler = data_lib.EpisodeSampler(
