@@ -129,7 +129,8 @@ class MetaLearner(tf.Module):
         self.variables_list = list(model.params().values())
         if meta_sgd:
             self.variables_list += list(self.inner_lr.values())
-        self.optimizer = tf.keras.optimizers.Adam(meta_lr)
+        # epsilon 1e-8 as in tf.compat.v1.train.AdamOptimizer, the original code's.
+        self.optimizer = tf.keras.optimizers.Adam(meta_lr, epsilon=1e-8)
         # Create Adam's slots now, so that the compiled step is traced once.
         self.optimizer.build(self.variables_list)
 
