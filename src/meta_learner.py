@@ -119,7 +119,7 @@ class MetaLearner(tf.Module):
         self.clip = clip
         theta = model.group("theta")
         if meta_sgd:
-            self.inner_lr = {k: tf.Variable(tf.fill(v.shape, tf.cast(inner_lr, v.dtype)),
+            self.inner_lr = {k: tf.Variable(tf.fill(v.shape, tf.constant(inner_lr, v.dtype)),
                                             name="lr/" + k)
                              for k, v in theta.items()}
         else:

@@ -1,0 +1,383 @@
+"""Speed and memory benchmark of meta-training (and meta-test) steps.
+
+    python -m src.bench [--settings omniglot_1shot,omniglot_5shot]
+        [--models maml,metadrop] [--iters 10] [--warmup 2] [--eval]
+        [--set key=value ...] [--out runs/bench/results.json]
+
+For every setting x model, a fresh Python process (so that the peak memory is
+that of one setting) loads ``yaml/<setting>_<model>.yaml`` (plus ``--set``
+overrides), builds the model and meta-learner exactly as ``src.train`` does
+(``configure_tensorflow`` then ``build``) and times ``learner.train_step``:
+
+* ``--warmup`` untimed steps; the first one includes the tf.function tracing
+  and is reported separately as the trace time;
+* ``--iters`` timed steps (each synchronised by reading the loss), reported
+  as median, min and max seconds per meta-iteration.
+
+With ``--eval`` it also times ``learner.eval_step`` (meta-test adaptation of
+``eval_batch`` episodes per call, with ``test_mc_samples`` noise samples per
+inner step for meta-dropout, 1 for MAML) in seconds per episode.
+
+The episodes are synthetic: random pixels with the real shapes of the config
+(support [B, way*shot, H, W, C], query [B, way*query, H, W, C], labels in
+class order, image shape from the config's dataset). The speed does not
+depend on the pixel values, so no dataset is needed.
+
+The JSON output holds the machine (CPU model, cores, load average), the
+TensorFlow version, TF_ENABLE_ONEDNN_OPTS, the thread settings and one entry
+per setting x model; a table is printed at the end. Timings are only
+meaningful on an otherwise idle machine: the load average is recorded and a
+warning printed when it is high.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from src.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_NOTE = ("synthetic episodes: random pixels with the real shapes of each "
+             "config (speed does not depend on pixel values)")
+
+
+def config_path(setting, model):
+    return os.path.join(ROOT, "yaml", f"{setting}_{model}.yaml")
+
+
+def _csv(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+# ---------------------------------------------------------------------------
+# Child: one setting x model in its own process.
+# ---------------------------------------------------------------------------
+
+def synthetic_batch(rng, config, episodes, image_shape):
+    """Random episodes of a config's exact shapes, labels in class order."""
+    import numpy as np
+    way, shot, query = config.way, config.shot, config.query
+    shape = tuple(image_shape)
+    return {
+        "support_x": rng.random((episodes, way * shot) + shape, dtype=np.float32),
+        "support_y": np.tile(np.repeat(np.arange(way, dtype=np.int32), shot),
+                             (episodes, 1)),
+        "query_x": rng.random((episodes, way * query) + shape, dtype=np.float32),
+        "query_y": np.tile(np.repeat(np.arange(way, dtype=np.int32), query),
+                           (episodes, 1)),
+    }
+
+
+def _timed(step, batches, seeds):
+    """Seconds of each step(batch, seed) call, synchronised on the result."""
+    times = []
+    for batch, seed in zip(batches, seeds):
+        tic = time.perf_counter()
+        step(batch, seed)
+        times.append(time.perf_counter() - tic)
+    return times
+
+
+def _summary(times, per=1):
+    if not times:
+        return {}
+    return {"median_s": statistics.median(times) / per,
+            "min_s": min(times) / per, "max_s": max(times) / per,
+            "times_s": [round(t, 4) for t in times]}
+
+
+def _tracing_count(fn):
+    try:
+        return fn.experimental_get_tracing_count()
+    except AttributeError:
+        return None
+
+
+def run_child(path, overrides, iters, warmup, do_eval, eval_iters):
+    """Benchmarks one config in this process; returns the result dict."""
+    import numpy as np
+    import tensorflow as tf
+
+    from src.train import build, configure_tensorflow, image_shape
+
+    config = load_config(path, overrides)
+    configure_tensorflow(config)
+    tic = time.perf_counter()
+    _, learner = build(config)
+    build_s = time.perf_counter() - tic
+    shape = image_shape(config)
+    rng = np.random.default_rng(config.seed)
+    result = {
+        "dataset": config.dataset, "way": config.way, "shot": config.shot,
+        "query": config.query, "meta_batch": config.meta_batch,
+        "inner_steps": config.inner_steps, "noise": config.noise,
+        "learner": config.learner, "first_order": config.first_order,
+        "mc_samples": config.mc_samples if config.noise != "none" else 1,
+        "fused_bn": config.fused_bn,
+        "shapes": {
+            "support_x": [config.meta_batch, config.way * config.shot, *shape],
+            "query_x": [config.meta_batch, config.way * config.query, *shape]},
+        "build_s": build_s,
+        "threads": {
+            "config_intra_op": config.intra_op_threads,
+            "config_inter_op": config.inter_op_threads,
+            "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+        "tf_version": tf.__version__,
+        "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+    }
+
+    def train(batch, seed):
+        return float(learner.train_step(batch, seed)["loss"])
+
+    n = warmup + iters
+    batches = (synthetic_batch(rng, config, config.meta_batch, shape)
+               for _ in range(n))
+    seeds = [tf.constant([config.seed, it], tf.int64) for it in range(1, n + 1)]
+    times = _timed(train, batches, seeds)
+    result["train"] = {
+        "trace_s": times[0] if warmup else None,
+        "warmup_s": [round(t, 4) for t in times[:warmup]],
+        "iters": iters, **_summary(times[warmup:]),
+        "tracings": _tracing_count(learner.train_step)}
+
+    if do_eval:
+        mc = config.test_mc_samples if config.noise != "none" else 1
+        episodes = config.eval_batch
+
+        def evaluate(batch, seed):
+            return learner.eval_step(batch, seed, mc).numpy()
+
+        n = warmup + eval_iters
+        batches = (synthetic_batch(rng, config, episodes, shape) for _ in range(n))
+        seeds = [tf.constant([config.test_seed, i], tf.int64) for i in range(n)]
+        times = _timed(evaluate, batches, seeds)
+        result["eval"] = {
+            "mc_samples": mc, "episodes_per_call": episodes,
+            "trace_s": times[0] if warmup else None,
+            "warmup_s": [round(t, 4) for t in times[:warmup]],
+            "calls": eval_iters, **_summary(times[warmup:], per=episodes),
+            "tracings": _tracing_count(learner.eval_step)}
+
+    # Linux reports ru_maxrss in KiB.
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Parent: machine info, one child per setting x model, table.
+# ---------------------------------------------------------------------------
+
+def cpu_info():
+    """(model name, the SIMD flags that matter to TensorFlow/oneDNN)."""
+    name, flags = None, []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = [x for x in value.split()
+                             if x in ("avx", "avx2", "fma", "avx512f", "avx512_bf16",
+                                      "avx512_vnni", "amx_tile")]
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), flags
+
+
+def _package_version(name):
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # not installed
+        return None
+
+
+def machine_info():
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    model, flags = cpu_info()
+    return {
+        "cpu_model": model,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": _package_version("tensorflow"),
+        "numpy": _package_version("numpy"),
+        # src/__init__.py defaults TF_ENABLE_ONEDNN_OPTS to 1 if unset.
+        "env": {k: os.environ.get(k) for k in
+                ("TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS",
+                 "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")},
+    }
+
+
+def run_one(setting, model, args):
+    """Runs one child process; returns its result dict (or an error entry)."""
+    entry = {"setting": setting, "model": model,
+             "config": os.path.relpath(config_path(setting, model), ROOT),
+             "overrides": list(args.set)}
+    path = config_path(setting, model)
+    if not os.path.exists(path):
+        entry["error"] = f"no config file {entry['config']}"
+        return entry
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        cmd = [sys.executable, "-m", "src.bench", "--child", path, "--child-out", out,
+               "--iters", str(args.iters), "--warmup", str(args.warmup),
+               "--eval-iters", str(args.eval_iters)]
+        cmd += ["--eval"] if args.eval else []
+        for o in args.set:
+            cmd += ["--set", o]
+        tic = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        entry["wall_s"] = round(time.perf_counter() - tic, 2)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            entry["error"] = f"benchmark process exited with code {proc.returncode}"
+            entry["stderr_tail"] = tail
+            return entry
+        with open(out) as f:
+            entry.update(json.load(f))
+    return entry
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(results, do_eval):
+    head = ["setting", "model", "support / query", "trace s",
+            "s/iter median [min-max]", "peak MB"]
+    if do_eval:
+        head[5:5] = ["eval s/episode median [min-max] (S)"]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["setting"], r["model"], "ERROR (below)"]
+                        + ["-"] * (len(head) - 3))
+            continue
+        t = r["train"]
+        s, q = r["shapes"]["support_x"], r["shapes"]["query_x"]
+        row = [r["setting"], r["model"],
+               f"{'x'.join(map(str, s))} / {'x'.join(map(str, q))}",
+               _fmt(t["trace_s"], 1),
+               f"{_fmt(t.get('median_s'))} [{_fmt(t.get('min_s'))}-{_fmt(t.get('max_s'))}]",
+               f"{r['peak_rss_mb']:.0f}"]
+        if do_eval:
+            e = r["eval"]
+            row[5:5] = [f"{_fmt(e.get('median_s'))} [{_fmt(e.get('min_s'))}-"
+                        f"{_fmt(e.get('max_s'))}] (S={e['mc_samples']})"]
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
+             for row in [head, ["-" * w for w in widths]] + rows]
+    lines += [f"ERROR {r['setting']} {r['model']}: {r['error']}"
+              for r in results if "error" in r]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m src.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", type=_csv, default=["omniglot_1shot", "omniglot_5shot"],
+                        help="comma-separated settings: yaml/<setting>_<model>.yaml "
+                             "(default: omniglot_1shot,omniglot_5shot)")
+    parser.add_argument("--models", type=_csv, default=["maml", "metadrop"],
+                        help="comma-separated models (default: maml,metadrop)")
+    parser.add_argument("--iters", type=int, default=10, help="timed meta-iterations")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first; the first includes tracing")
+    parser.add_argument("--eval", action="store_true",
+                        help="also time meta-test episodes (learner.eval_step)")
+    parser.add_argument("--eval-iters", type=int, default=None,
+                        help="timed eval_step calls of eval_batch episodes each "
+                             "(default: --iters)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (repeatable), "
+                             "e.g. --set inner_steps=1")
+    parser.add_argument("--out", default="runs/bench/results.json", help="JSON output")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.eval_iters is None:
+        args.eval_iters = args.iters
+    if args.iters < 1 or args.warmup < 0 or args.eval_iters < 1:
+        parser.error("--iters and --eval-iters must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        result = run_child(args.child, args.set, args.iters, args.warmup,
+                           args.eval, args.eval_iters)
+        with open(args.child_out, "w") as f:
+            json.dump(result, f)
+        return 0
+
+    # Check the configs and overrides before spending minutes on children.
+    for setting in args.settings:
+        for model in args.models:
+            path = config_path(setting, model)
+            if os.path.exists(path):
+                try:
+                    load_config(path, args.set)
+                except ConfigError as e:
+                    sys.exit(f"error: {e}")
+
+    machine = machine_info()
+    if machine["load_average_1_5_15"][0] > 0.5 * (machine["cpus_usable"] or 1):
+        print(f"warning: load average {machine['load_average_1_5_15'][0]} on "
+              f"{machine['cpus_usable']} CPUs: other processes are running, the "
+              "timings will be too slow", file=sys.stderr, flush=True)
+    results = []
+    for setting in args.settings:
+        for model in args.models:
+            print(f"benchmarking {setting} {model} ...", file=sys.stderr, flush=True)
+            entry = run_one(setting, model, args)
+            if "error" in entry:
+                print(f"  error: {entry['error']}\n{entry.get('stderr_tail', '')}",
+                      file=sys.stderr, flush=True)
+            results.append(entry)
+
+    report = {
+        "data": DATA_NOTE,
+        "machine": machine,
+        "args": {k: getattr(args, k) for k in
+                 ("settings", "models", "iters", "warmup", "eval", "eval_iters", "set")},
+        "results": results,
+    }
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    env = machine["env"]
+    threads = next((r["threads"] for r in results if "threads" in r), {})
+    print(f"{machine['cpu_model']}, {machine['cpus_usable']} CPUs, "
+          f"TensorFlow {machine['tensorflow']}, TF_ENABLE_ONEDNN_OPTS="
+          f"{env['TF_ENABLE_ONEDNN_OPTS']}, threads intra/inter "
+          f"{threads.get('tf_intra_op', '?')}/{threads.get('tf_inter_op', '?')}, "
+          f"load {machine['load_average_1_5_15'][0]}")
+    print(f"{DATA_NOTE}; {args.warmup} warm-up + {args.iters} timed steps"
+          + (f" (overrides: {' '.join(args.set)})" if args.set else ""))
+    print(table(results, args.eval))
+    print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

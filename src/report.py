@@ -1,0 +1,225 @@
+"""Our meta-test accuracies beside the paper's.
+
+    python -m src.report runs/omniglot_1shot_maml runs/omniglot_1shot_metadrop \
+        [--out runs/omniglot_1shot.md]
+
+Reads each workdir's results.json (written by ``src.evaluate``), identifies
+the setting and model from the run's config (dataset, shot, learner, noise)
+and prints a markdown table: our accuracy ± 95% interval, test episodes,
+Monte-Carlo samples, iterations trained / configured (a run shorter than the
+official 60,000 meta-iterations is marked as shortened) and the paper's
+number (Table 1; the authors' rerun of their own code in brackets). A
+workdir without results.json gets a "not run" row.
+
+``python -m src.report --is-fresh WORKDIR [key=value ...]`` exits 0 when
+WORKDIR's results.json was made from its latest checkpoint with the test
+settings that ``src.evaluate WORKDIR [key=value ...]`` would use (so the
+Makefile can skip a redundant evaluation), 1 otherwise.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+
+from src.config import Config, ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL_ITERATIONS = 60000  # the authors' run files
+OFFICIAL_EPISODES = 1000
+OFFICIAL_TEST_MC = 30
+
+# Paper Table 1 (mean accuracy %, its 95% interval) and the authors' rerun of
+# their own code (None where there is none), keyed by
+# (dataset, shot, learner, noise). Omniglot is 20-way, miniImageNet 5-way.
+PAPER = {
+    ("omniglot", 1, "maml", "none"): (95.23, 0.17, 94.49),
+    ("omniglot", 5, "maml", "none"): (98.38, 0.07, 98.14),
+    ("miniimagenet", 1, "maml", "none"): (49.58, 0.65, 48.73),
+    ("miniimagenet", 5, "maml", "none"): (64.55, 0.52, 65.70),
+    ("omniglot", 1, "maml", "meta_dropout"): (96.63, 0.13, 96.24),
+    ("omniglot", 5, "maml", "meta_dropout"): (98.73, 0.06, 98.81),
+    ("miniimagenet", 1, "maml", "meta_dropout"): (51.93, 0.67, 51.67),
+    ("miniimagenet", 5, "maml", "meta_dropout"): (67.42, 0.52, 68.12),
+    ("omniglot", 1, "meta_sgd", "none"): (96.16, 0.14, None),
+    ("omniglot", 5, "meta_sgd", "none"): (98.54, 0.07, None),
+    ("miniimagenet", 1, "meta_sgd", "none"): (48.30, 0.64, None),
+    ("miniimagenet", 5, "meta_sgd", "none"): (65.55, 0.56, None),
+    ("omniglot", 1, "meta_sgd", "meta_dropout"): (97.02, 0.13, None),
+    ("omniglot", 5, "meta_sgd", "meta_dropout"): (99.05, 0.05, None),
+    ("miniimagenet", 1, "meta_sgd", "meta_dropout"): (50.87, 0.63, None),
+    ("miniimagenet", 5, "meta_sgd", "meta_dropout"): (65.55, 0.57, None),
+}
+PAPER_WAY = {"omniglot": 20, "miniimagenet": 5}
+DATASET_NAMES = {"omniglot": "Omniglot", "miniimagenet": "miniImageNet"}
+LEARNER_NAMES = {"maml": "MAML", "meta_sgd": "Meta-SGD"}
+NOISE_NAMES = {"none": "", "meta_dropout": " + meta-dropout"}
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_config(workdir):
+    """The run's config as a dict, or None: results.json's config, else the
+    workdir's config.yaml, else yaml/<workdir name>.yaml (an ``_itersN``
+    suffix of the name, as the Makefile adds for shortened runs, dropped).
+    Keys missing from an older results.json take the Config defaults."""
+    config = _find_config(workdir)
+    return None if config is None else {**dataclasses.asdict(Config()), **config}
+
+
+def _find_config(workdir):
+    results = os.path.join(workdir, "results.json")
+    try:
+        config = _read_json(results).get("config")
+        if config:
+            return config
+    except (OSError, ValueError, AttributeError):
+        pass
+    name = re.sub(r"_iters\d+$", "", os.path.basename(os.path.normpath(workdir)))
+    for path in (os.path.join(workdir, "config.yaml"),
+                 os.path.join(ROOT, "yaml", name + ".yaml")):
+        if os.path.exists(path):
+            try:
+                return dataclasses.asdict(load_config(path))
+            except ConfigError:
+                continue
+    return None
+
+
+def setting_name(config):
+    dataset = config["dataset"]
+    return f"{DATASET_NAMES.get(dataset, dataset)} {config['way']}-way {config['shot']}-shot"
+
+
+def model_name(config):
+    return (LEARNER_NAMES.get(config["learner"], config["learner"])
+            + NOISE_NAMES.get(config["noise"], " + " + config["noise"]))
+
+
+def paper_entry(config):
+    """'95.23 ± 0.17 (94.49)' or '-' if the paper has no such number."""
+    key = (config["dataset"], config["shot"], config["learner"], config["noise"])
+    entry = PAPER.get(key)
+    if entry is None or PAPER_WAY.get(config["dataset"]) != config["way"]:
+        return "-"
+    mean, ci, rerun = entry
+    return f"{mean:.2f} ± {ci:.2f}" + (f" ({rerun:.2f})" if rerun is not None else "")
+
+
+def iterations_note(trained, configured):
+    """'60000 / 60000', or a shortened-run marker."""
+    text = f"{trained} / {configured}"
+    notes = []
+    if trained < OFFICIAL_ITERATIONS:
+        notes.append(f"shortened run ({trained} of {OFFICIAL_ITERATIONS} iterations)")
+    if trained < configured:
+        notes.append(f"training incomplete ({trained} of {configured} configured)")
+    return text + ("; " + "; ".join(notes) if notes else "")
+
+
+def _result_cells(r, config):
+    """(ours, episodes, MC samples, iterations) cells of a results dict."""
+    ours = f"{r['accuracy']:.2f} ± {r['ci95']:.2f}"
+    episodes = str(r["episodes"])
+    if r["episodes"] != OFFICIAL_EPISODES:
+        episodes += f" (paper: {OFFICIAL_EPISODES})"
+    mc = str(r["mc_samples"])
+    if config and config["noise"] != "none" and r["mc_samples"] != OFFICIAL_TEST_MC:
+        mc += f" (paper: {OFFICIAL_TEST_MC})"
+    return [ours, episodes, mc,
+            iterations_note(r["iterations_trained"], r["iterations_configured"])]
+
+
+def row(workdir):
+    """One table row (list of cells) for a workdir."""
+    config = run_config(workdir)
+    setting = setting_name(config) if config else "?"
+    model = model_name(config) if config else "?"
+    paper = paper_entry(config) if config else "-"
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        cells = ["not run (no results.json: train, then python -m src.evaluate)",
+                 "-", "-", "-"]
+    else:
+        try:
+            cells = _result_cells(_read_json(path), config)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            cells = [f"unreadable results.json ({e!r})", "-", "-", "-"]
+    return [workdir, setting, model] + cells + [paper]
+
+
+HEAD = ["run", "setting", "model", "ours (accuracy % ± 95% CI)", "test episodes",
+        "MC samples", "iterations trained / configured",
+        "paper Table 1 (authors' rerun)"]
+
+
+def report(workdirs):
+    """The markdown table of ``workdirs``."""
+    rows = [HEAD, ["---"] * len(HEAD)] + [row(w) for w in workdirs]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
+def latest_checkpoint(workdir):
+    """Basename of the latest checkpoint (from checkpoints/checkpoint), or None."""
+    path = os.path.join(workdir, "checkpoints", "checkpoint")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', f.read(), re.M)
+    return os.path.basename(m.group(1)) if m else None
+
+
+def is_fresh(workdir, overrides=()):
+    """True when results.json was evaluated on the latest checkpoint with the
+    test settings ``src.evaluate --workdir workdir overrides`` would use."""
+    path = os.path.join(workdir, "results.json")
+    config_yaml = os.path.join(workdir, "config.yaml")
+    if not (os.path.exists(path) and os.path.exists(config_yaml)):
+        return False
+    r = _read_json(path)
+    config = load_config(config_yaml, overrides)
+    mc = config.test_mc_samples if config.noise != "none" else 1
+    return (r.get("checkpoint") == latest_checkpoint(workdir)
+            and r.get("episodes") == config.test_episodes
+            and r.get("mc_samples") == mc
+            and r.get("test_seed") == config.test_seed)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m src.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR",
+                        help="run directories (with --is-fresh: one, then key=value "
+                             "overrides as given to src.evaluate)")
+    parser.add_argument("--out", help="also write the table to this markdown file")
+    parser.add_argument("--is-fresh", action="store_true",
+                        help="exit 0 if WORKDIR's results.json is up to date, else 1")
+    args = parser.parse_args(argv)
+
+    if args.is_fresh:
+        workdir, overrides = args.workdirs[0], args.workdirs[1:]
+        try:
+            return 0 if is_fresh(workdir, overrides) else 1
+        except (ConfigError, OSError, ValueError, KeyError) as e:
+            print(f"{workdir}: cannot tell whether results.json is up to date ({e})",
+                  file=sys.stderr)
+            return 1
+
+    table = report(args.workdirs)
+    print(table, end="", flush=True)
+    if args.out:
+        if os.path.dirname(args.out):
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

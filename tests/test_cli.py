@@ -1,0 +1,273 @@
+"""End-to-end tests of the command-line entry points (src.train,
+src.evaluate) in subprocesses, on a tiny generated Omniglot-shaped dataset
+(no ../shared data needed): a smoke run with all its outputs, CLI errors,
+and an exact resume after SIGKILL.
+
+Each subprocess pays TensorFlow's start-up and the tracing of the
+second-order step (~10-25 s on 2 cores); the whole file takes ~2-3 minutes.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "yaml/omniglot_1shot_metadrop.yaml"
+TINY = ["way=5", "query=2", "inner_steps=1", "meta_batch=2", "ckpt_every=2",
+        "log_every=1", "val_every=2", "val_episodes=2", "test_episodes=4",
+        "test_mc_samples=2", "eval_batch=2"]
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """train.npy uint8 [40, 20, 784] and test.npy uint8 [30, 20, 784]: per
+    class a template of 3 random Gaussian blobs, per image a jittered,
+    thresholded copy (ink 255 on 0)."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:28, 0:28]
+    for name, classes in (("train", 40), ("test", 30)):
+        out = np.zeros((classes, 20, 784), np.uint8)
+        for c in range(classes):
+            centres = rng.uniform(5, 23, size=(3, 2))
+            for i in range(20):
+                jit = centres + rng.normal(scale=1.0, size=centres.shape)
+                img = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
+                          for cy, cx in jit)
+                img = img + rng.normal(scale=0.1, size=img.shape)
+                out[c, i] = (img > 0.5).ravel().astype(np.uint8) * 255
+        np.save(d / f"{name}.npy", out)
+    return str(d)
+
+
+def run(module, args, wait=True):
+    """Runs ``python -m module args`` from the repo root; returns the
+    CompletedProcess (or the Popen if ``wait`` is False)."""
+    cmd = [sys.executable, "-m", module, *args]
+    kwargs = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return subprocess.Popen(cmd, **kwargs)
+    return subprocess.run(cmd, timeout=TIMEOUT, **kwargs)
+
+
+def train_args(workdir, data_dir, *extra):
+    return ["--config", CONFIG, "--workdir", str(workdir), *TINY,
+            f"data_dir={data_dir}", *extra]
+
+
+def ok(proc):
+    """Asserts a finished subprocess exited 0, showing its output if not."""
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-3000:],
+                                  proc.stderr[-3000:])
+    return proc
+
+
+def read_events(tb_dir):
+    """{tag: {step: value}} of every scalar in the TensorBoard event files."""
+    import src  # noqa: F401
+    import tensorflow as tf
+    out = {}
+    files = sorted(Path(tb_dir).glob("events.out.tfevents.*"))
+    assert files, f"no event file in {tb_dir}"
+    for f in files:
+        for event in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in event.summary.value:
+                value = (float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")
+                         else v.simple_value)
+                out.setdefault(v.tag, {})[event.step] = value
+    return out
+
+
+def checkpoint_state(workdir):
+    """Text of checkpoints/checkpoint ('' if absent)."""
+    path = Path(workdir) / "checkpoints" / "checkpoint"
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def read_checkpoint(path):
+    """{variable key: numpy value} of a checkpoint (object graph excluded)."""
+    import src  # noqa: F401
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(path)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def ckpt_files(workdir):
+    """{file name: mtime_ns} under checkpoints/."""
+    d = Path(workdir) / "checkpoints"
+    return {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+
+
+# ------------------------------------------------------------------ smoke
+
+
+def test_train_then_evaluate_smoke(tmp_path, data_dir):
+    """4 meta-iterations then meta-test through the CLI: the workdir gets the
+    resolved config.yaml, train.log with one progress line per iteration and
+    validation lines, checkpoints 2 and 4, TensorBoard scalars (train/*,
+    val/accuracy, noise/*) at the right steps, and evaluate writes a
+    well-formed results.json (accuracy a multiple of 1/40 in [0, 100],
+    ci95 >= 0, 4 episodes, S = 2, 4 iterations trained, the config)."""
+    w = tmp_path / "run"
+    proc = ok(run("src.train", train_args(w, data_dir, "iterations=4")))
+    for i in range(1, 5):
+        assert f"iter {i}/4" in proc.stdout
+
+    # config.yaml: every key, resolved (yaml chain + overrides).
+    saved = yaml.safe_load((w / "config.yaml").read_text())
+    assert saved["way"] == 5 and saved["query"] == 2 and saved["iterations"] == 4
+    assert saved["noise"] == "meta_dropout" and saved["meta_lr"] == pytest.approx(3e-4)
+    assert saved["data_dir"] == data_dir and "base" not in saved
+
+    log = (w / "train.log").read_text()
+    progress = re.findall(r"^iter (\d+)/4  loss ([\d.]+)  acc ([\d.]+)%", log, re.M)
+    assert [int(p[0]) for p in progress] == [1, 2, 3, 4]
+    for _, loss, acc in progress:
+        assert 0 < float(loss) < 20 and 0 <= float(acc) <= 100
+    assert len(re.findall(r"^iter [24]: validation accuracy [\d.]+% on 2 fixed episodes",
+                          log, re.M)) == 2
+
+    state = checkpoint_state(w)
+    assert 'model_checkpoint_path: "ckpt-4"' in state
+    for n in (2, 4):
+        assert (w / "checkpoints" / f"ckpt-{n}.index").exists()
+
+    events = read_events(w / "tb")
+    for tag in ("train/loss", "train/accuracy", "train/grad_norm",
+                "train/learning_rate", "train/iters_per_sec"):
+        assert sorted(events.get(tag, {})) == [1, 2, 3, 4], (tag, sorted(events))
+    assert sorted(events["val/accuracy"]) == [2, 4]
+    assert all(v == pytest.approx(3e-4) for v in events["train/learning_rate"].values())
+    assert all(0 <= v <= 1 for v in events["train/accuracy"].values())
+    assert all(0 <= v <= 1 for v in events["val/accuracy"].values())
+    assert all(v > 0 and np.isfinite(v) for t in ("train/loss", "train/grad_norm",
+                                                  "train/iters_per_sec")
+               for v in events[t].values())
+    for b in range(1, 5):
+        for stat in ("mean", "std"):
+            tag = f"noise/block{b}/mask_{stat}"
+            assert sorted(events.get(tag, {})) == [1, 2, 3, 4], tag
+        # softplus(alpha) > 0; near softplus(0) = 0.69 after a few tiny steps.
+        assert all(0.3 < v < 1.5 for v in events[f"noise/block{b}/mask_mean"].values())
+
+    # Meta-test.
+    proc = ok(run("src.evaluate", ["--workdir", str(w), "test_episodes=4"]))
+    results = json.loads((w / "results.json").read_text())
+    assert 0 <= results["accuracy"] <= 100
+    # 4 episodes x 10 query images: the mean is a multiple of 100/40.
+    assert abs(results["accuracy"] * 40 / 100 - round(results["accuracy"] * 40 / 100)) < 1e-3
+    assert results["ci95"] >= 0
+    assert results["episodes"] == 4
+    assert results["mc_samples"] == 2
+    assert results["iterations_trained"] == 4
+    assert results["checkpoint"] == "ckpt-4"
+    assert isinstance(results["config"], dict)
+    assert {k: v for k, v in results["config"].items()} == saved
+    assert f"{results['accuracy']:.2f}" in proc.stdout
+
+
+def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):
+    """An unknown key=value on the train CLI exits non-zero with a message
+    naming the key (and listing valid ones), before creating the workdir."""
+    w = tmp_path / "never"
+    proc = run("src.train", train_args(w, data_dir, "inner_lrr=0.1"))
+    assert proc.returncode != 0
+    assert "inner_lrr" in proc.stderr and "unknown config key" in proc.stderr
+    assert "inner_lr," in proc.stderr  # the list of valid keys
+    assert "Traceback" not in proc.stderr
+    assert not w.exists()
+
+
+# ----------------------------------------------------------------- resume
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
+    """deterministic_ops=true, 6 iterations, checkpoints every 2:
+    run A uninterrupted; run B SIGKILLed once a checkpoint (2 or 4) exists,
+    then rerun to completion.  Every variable of the final checkpoints of A
+    and B (weights, Adam slots and iteration count, step, sampler state) is
+    bitwise identical.  Rerunning the finished B trains nothing and writes no
+    checkpoint; resuming B with a changed inner_lr is refused, naming the
+    key, and leaves the run untouched."""
+    args = lambda w: train_args(w, data_dir, "iterations=6", "deterministic_ops=true")
+    wa, wb = tmp_path / "A", tmp_path / "B"
+
+    # B first (killed), then A, so that the two never compete for the CPU.
+    proc = run("src.train", args(wb), wait=False)
+    deadline = time.time() + TIMEOUT
+    state = ""
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            state = checkpoint_state(wb)
+            if "ckpt-" in state:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, out[-2000:], err[-2000:])
+    killed_at = int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"', state).group(1))
+    assert killed_at in (2, 4), state
+    assert "iter 6/6" not in out
+
+    resumed = ok(run("src.train", args(wb)))
+    latest = int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"',
+                           checkpoint_state(wb)).group(1))
+    assert latest == 6
+    m = re.search(r"resumed from \S+ckpt-(\d+) at iteration (\d+)", resumed.stdout)
+    assert m and int(m.group(2)) == int(m.group(1)) >= killed_at, resumed.stdout
+    start = int(m.group(2))
+    assert [int(i) for i in re.findall(r"^iter (\d+)/6 ", resumed.stdout, re.M)] == \
+        list(range(start + 1, 7))
+
+    ok(run("src.train", args(wa)))
+
+    a = read_checkpoint(str(wa / "checkpoints" / "ckpt-6"))
+    b = read_checkpoint(str(wb / "checkpoints" / "ckpt-6"))
+    assert set(a) == set(b)
+    slots = [k for k in a if k.startswith("learner/optimizer/_variables/")]
+    assert len(slots) == 2 * len([k for k in a if k.startswith("learner/variables_list/")])
+    assert int(a["learner/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]) == 6
+    assert int(a["step/.ATTRIBUTES/VARIABLE_VALUE"]) == 6
+    diffs = {}
+    for k in sorted(a):
+        if a[k].dtype.kind in "fc":
+            d = float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0
+            if d > 0:
+                diffs[k] = d
+        elif not np.array_equal(a[k], b[k]):
+            diffs[k] = "differs"
+    assert not diffs, f"A and B differ in {len(diffs)} of {len(a)} variables: {diffs}"
+    # Training really moved the weights (the comparison is not vacuous).
+    assert any(np.abs(v).max() > 0 for k, v in a.items() if k in slots)
+
+    # A finished run: rerunning trains nothing and writes no checkpoint.
+    before_files, before_log = ckpt_files(wb), (wb / "train.log").read_text()
+    again = ok(run("src.train", args(wb)))
+    assert re.search(r"resumed from \S+ckpt-6 at iteration 6", again.stdout)
+    assert not re.search(r"^iter \d+/6 ", again.stdout, re.M)
+    assert ckpt_files(wb) == before_files
+    assert (wb / "train.log").read_text().startswith(before_log)
+
+    # A changed non-resumable key is refused.
+    config_before = (wb / "config.yaml").read_text()
+    refused = run("src.train", args(wb) + ["inner_lr=0.2"])
+    assert refused.returncode != 0
+    assert "inner_lr" in refused.stderr and "different config" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert ckpt_files(wb) == before_files
+    assert (wb / "config.yaml").read_text() == config_before

@@ -1,0 +1,111 @@
+"""Tests of src.report on fake run directories (no TensorFlow, no training)."""
+
+import dataclasses
+import json
+import os
+
+from src import report
+from src.config import load_config, save_config
+
+YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yaml")
+
+
+def fake_run(root, name, overrides=(), trained=None, accuracy=95.5, ci95=0.2,
+             episodes=1000, results=True, checkpoint=None):
+    """A workdir like src.train + src.evaluate leave: config.yaml,
+    checkpoints/checkpoint and (if ``results``) results.json."""
+    config = load_config(os.path.join(YAML, name + ".yaml"), overrides)
+    workdir = root / name
+    (workdir / "checkpoints").mkdir(parents=True)
+    save_config(config, workdir / "config.yaml")
+    trained = config.iterations if trained is None else trained
+    ckpt = checkpoint or f"ckpt-{trained}"
+    (workdir / "checkpoints" / "checkpoint").write_text(
+        f'model_checkpoint_path: "{ckpt}"\nall_model_checkpoint_paths: "{ckpt}"\n')
+    if results:
+        (workdir / "results.json").write_text(json.dumps({
+            "accuracy": accuracy, "ci95": ci95, "episodes": episodes,
+            "mc_samples": config.test_mc_samples if config.noise != "none" else 1,
+            "iterations_trained": trained,
+            "iterations_configured": config.iterations,
+            "test_seed": config.test_seed, "seconds": 1.0,
+            "checkpoint": f"ckpt-{trained}",
+            "config": dataclasses.asdict(config)}))
+    return str(workdir)
+
+
+def cells(table, workdir):
+    """The cells of ``workdir``'s row of a markdown table."""
+    for line in table.splitlines():
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if parts[0] == workdir:
+            return dict(zip(report.HEAD, parts))
+    raise AssertionError(f"no row for {workdir} in\n{table}")
+
+
+def test_shortened_run_is_marked_and_paper_numbers_appear(tmp_path):
+    maml = fake_run(tmp_path, "omniglot_1shot_maml", ["iterations=500"])
+    drop = fake_run(tmp_path, "omniglot_1shot_metadrop", accuracy=96.1, ci95=0.15)
+    table = report.report([maml, drop])
+
+    row = cells(table, maml)
+    assert row["setting"] == "Omniglot 20-way 1-shot"
+    assert row["model"] == "MAML"
+    assert row["ours (accuracy % ± 95% CI)"] == "95.50 ± 0.20"
+    assert "shortened run (500 of 60000 iterations)" in row["iterations trained / configured"]
+    assert row["paper Table 1 (authors' rerun)"] == "95.23 ± 0.17 (94.49)"
+
+    row = cells(table, drop)
+    assert row["model"] == "MAML + meta-dropout"
+    assert row["MC samples"] == "30"
+    assert row["iterations trained / configured"] == "60000 / 60000"
+    assert "shortened" not in row["iterations trained / configured"]
+    assert row["paper Table 1 (authors' rerun)"] == "96.63 ± 0.13 (96.24)"
+
+
+def test_five_shot_and_interrupted_training(tmp_path):
+    run = fake_run(tmp_path, "omniglot_5shot_metadrop", trained=1200, episodes=100)
+    row = cells(report.report([run]), run)
+    assert row["paper Table 1 (authors' rerun)"] == "98.73 ± 0.06 (98.81)"
+    assert "shortened run (1200 of 60000 iterations)" in row["iterations trained / configured"]
+    assert "training incomplete (1200 of 60000 configured)" in row["iterations trained / configured"]
+    assert row["test episodes"] == "100 (paper: 1000)"
+
+
+def test_missing_results_says_not_run(tmp_path):
+    trained = fake_run(tmp_path, "omniglot_1shot_metadrop", results=False)
+    absent = str(tmp_path / "omniglot_5shot_maml_iters50")  # no directory at all
+    table = report.report([trained, absent])
+    row = cells(table, trained)
+    assert row["ours (accuracy % ± 95% CI)"].startswith("not run")
+    assert row["paper Table 1 (authors' rerun)"] == "96.63 ± 0.13 (96.24)"
+    row = cells(table, absent)
+    assert row["ours (accuracy % ± 95% CI)"].startswith("not run")
+    assert row["model"] == "MAML"  # from yaml/omniglot_5shot_maml.yaml
+    assert row["paper Table 1 (authors' rerun)"] == "98.38 ± 0.07 (98.14)"
+
+
+def test_paper_table_is_complete():
+    for dataset in ("omniglot", "miniimagenet"):
+        for shot in (1, 5):
+            for learner in ("maml", "meta_sgd"):
+                for noise in ("none", "meta_dropout"):
+                    assert (dataset, shot, learner, noise) in report.PAPER
+    assert report.PAPER[("miniimagenet", 5, "maml", "meta_dropout")] == (67.42, 0.52, 68.12)
+
+
+def test_main_writes_markdown(tmp_path, capsys):
+    run = fake_run(tmp_path, "omniglot_1shot_maml")
+    out = tmp_path / "sub" / "table.md"
+    assert report.main([run, "--out", str(out)]) == 0
+    assert "95.23 ± 0.17 (94.49)" in capsys.readouterr().out
+    assert out.read_text().startswith("| run |")
+
+
+def test_is_fresh(tmp_path):
+    run = fake_run(tmp_path, "omniglot_1shot_metadrop")
+    assert report.main(["--is-fresh", run]) == 0
+    assert report.main(["--is-fresh", run, "test_episodes=100"]) == 1
+    stale = fake_run(tmp_path / "b", "omniglot_1shot_metadrop", checkpoint="ckpt-70000")
+    assert report.main(["--is-fresh", stale]) == 1
+    assert report.main(["--is-fresh", str(tmp_path / "nothing")]) == 1
