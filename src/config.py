@@ -77,12 +77,23 @@ def _fields():
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+def _yaml11_float(value):
+    """'1e-3' -> 0.001: YAML 1.1 reads exponents without a dot as strings."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _check_value(key, value, kind):
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
+        value = _yaml11_float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
