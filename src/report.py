@@ -101,11 +101,19 @@ def model_name(config):
             + NOISE_NAMES.get(config["noise"], " + " + config["noise"]))
 
 
+def paper_numbers(config):
+    """(mean, 95% interval, authors' rerun or None) of the paper's Table 1
+    for a run config, or None if the paper has no such number."""
+    key = (config["dataset"], config["shot"], config["learner"], config["noise"])
+    if PAPER_WAY.get(config["dataset"]) != config["way"]:
+        return None
+    return PAPER.get(key)
+
+
 def paper_entry(config):
     """'95.23 ± 0.17 (94.49)' or '-' if the paper has no such number."""
-    key = (config["dataset"], config["shot"], config["learner"], config["noise"])
-    entry = PAPER.get(key)
-    if entry is None or PAPER_WAY.get(config["dataset"]) != config["way"]:
+    entry = paper_numbers(config)
+    if entry is None:
         return "-"
     mean, ci, rerun = entry
     return f"{mean:.2f} ± {ci:.2f}" + (f" ({rerun:.2f})" if rerun is not None else "")

@@ -136,10 +136,6 @@ def test_override_without_equals_is_an_error():
         load_config(None, ["way5"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (src/config.py parse_override): PyYAML (YAML 1.1) reads '1e-3' as a "
-    "string, so meta_lr=1e-3 on the command line is rejected as 'must be "
-    "float'; only '1.0e-3' works"))
 def test_override_float_in_exponent_notation():
     """meta_lr=1e-3 (the usual way to write it) is accepted as the float 0.001."""
     assert load_config(None, ["meta_lr=1e-3"]).meta_lr == pytest.approx(1e-3)
