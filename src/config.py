@@ -7,6 +7,7 @@ name the key and what is valid.
 """
 
 import dataclasses
+import math
 import os
 import typing
 
@@ -47,7 +48,7 @@ class Config:
     ckpt_every: int = 1000
     val_every: int = 1000            # 0 disables
     val_episodes: int = 100          # fixed validation episodes
-    deterministic_ops: bool = False  # tf op determinism (for bitwise resume checks)
+    deterministic_ops: bool = False  # bitwise-repeatable runs (op determinism, one inter-op thread)
     intra_op_threads: int = 1        # threads per op; 0 = TensorFlow's default
     inter_op_threads: int = 0        # ops run side by side; 0 = TensorFlow's default
 
@@ -63,7 +64,9 @@ CHOICES = {
     "noise": ("none", "meta_dropout"),
     "learner": ("maml", "meta_sgd"),
 }
-POSITIVE = ("way", "shot", "query", "inner_steps", "meta_batch", "iterations",
+NON_NEGATIVE = ("seed", "test_seed", "clip", "val_every", "intra_op_threads",
+                "inter_op_threads")
+POSITIVE = ("inner_lr", "meta_lr", "way", "shot", "query", "inner_steps", "meta_batch", "iterations",
             "mc_samples", "log_every", "ckpt_every", "val_episodes",
             "test_episodes", "test_mc_samples", "eval_batch")
 
@@ -104,8 +107,12 @@ def _check_value(key, value, kind):
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of "
                           f"{', '.join(CHOICES[key])}; got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
     if key in POSITIVE and value <= 0:
         raise ConfigError(f"config key '{key}' must be positive, got {value!r}")
+    if key in NON_NEGATIVE and value < 0:
+        raise ConfigError(f"config key '{key}' must be >= 0, got {value!r}")
     return value
 
 
@@ -119,7 +126,12 @@ def _merge(values, updates, source):
     return values
 
 
-def _read_yaml(path):
+def _read_yaml(path, seen=()):
+    """[(path, mapping)] of the base chain of ``path``, outermost base first."""
+    if os.path.realpath(path) in seen:
+        raise ConfigError(f"base: chain of {path} is a cycle")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
@@ -127,7 +139,8 @@ def _read_yaml(path):
     base = raw.pop("base", None)
     chain = []
     if base is not None:
-        chain = _read_yaml(os.path.join(os.path.dirname(path), base))
+        chain = _read_yaml(os.path.join(os.path.dirname(path), base),
+                           seen + (os.path.realpath(path),))
     return chain + [(path, raw)]
 
 

@@ -56,12 +56,13 @@ def batch_norm(x, offset, groups=1, fused=True):
         return y
     shape = tf.shape(x)
     xg = tf.reshape(x, tf.concat([[groups, -1], shape[1:]], 0))
-    # Both moments in one sweep over x, then one multiply-add: memory
-    # traffic, not arithmetic, is what a wide batch norm costs on a CPU.
+    # Two passes (mean, then the centred variance) rather than
+    # E[x²] - E[x]², which loses all precision when a channel's mean is
+    # large against its spread.
     mean = tf.reduce_mean(xg, axis=[1, 2, 3], keepdims=True)
-    mean_sq = tf.reduce_mean(tf.square(xg), axis=[1, 2, 3], keepdims=True)
-    inv = tf.math.rsqrt(mean_sq - tf.square(mean) + BN_EPSILON)
-    y = xg * inv + (offset - mean * inv)
+    centred = xg - mean
+    var = tf.reduce_mean(tf.square(centred), axis=[1, 2, 3], keepdims=True)
+    y = centred * tf.math.rsqrt(var + BN_EPSILON) + offset
     return tf.reshape(y, shape)
 
 

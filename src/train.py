@@ -26,7 +26,8 @@ from src.model import ConvNet
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "val_every",
                      "val_episodes", "test_episodes", "test_mc_samples",
-                     "eval_batch", "data_dir")
+                     "eval_batch", "data_dir", "intra_op_threads",
+                     "inter_op_threads", "deterministic_ops")
 
 
 def configure_tensorflow(config):
@@ -37,9 +38,14 @@ def configure_tensorflow(config):
     defaults): the inner loop's 20-image convolutions parallelise poorly
     within an op, while the tasks of a meta-batch are independent.
     """
+    # Op determinism alone is not enough: ops running side by side add up
+    # gradient contributions in varying order (measured: meta-gradients of
+    # one batch differing by 5e-8 between calls, 5e-4 in the weights after
+    # two Adam steps), so a deterministic run uses one inter-op thread.
+    inter = 1 if config.deterministic_ops else config.inter_op_threads
     try:
         tf.config.threading.set_intra_op_parallelism_threads(config.intra_op_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(config.inter_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:
         pass  # already initialised (several runs in one process, e.g. tests)
     if config.deterministic_ops:

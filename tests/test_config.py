@@ -291,3 +291,29 @@ def test_official_settings(name, settings):
             assert got == pytest.approx(value, rel=1e-12), (key, got)
         else:
             assert got == value, (key, got)
+
+
+@pytest.mark.parametrize("key", ["seed", "test_seed"])
+def test_negative_seed_rejected(key):
+    """A negative seed / test_seed (unusable by numpy's PCG64) is a ConfigError
+    naming the key."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"{key}=-1"])
+
+
+@pytest.mark.parametrize("override", ["meta_lr=nan", "inner_lr=.inf",
+                                      "meta_lr=-0.001", "clip=-1"])
+def test_non_finite_or_negative_float_rejected(override):
+    """Non-finite learning rates / clip and negative ones are ConfigErrors
+    naming the key."""
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("text, match", [("base: missing.yaml\n", "missing.yaml"),
+                                         ("base: a.yaml\n", "cycle")])
+def test_bad_base_chain_is_a_config_error(tmp_path, text, match):
+    """A missing base file or a cyclic chain is a ConfigError, not a traceback."""
+    (tmp_path / "a.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(tmp_path / "a.yaml"))
