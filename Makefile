@@ -13,7 +13,7 @@
 #
 # Variables: MODEL (any of "maml metadrop metasgd metasgd_metadrop", default
 # "maml metadrop"), ITERS (meta-iterations, default the config's 60000),
-# EPISODES (meta-test episodes, default the config's 1000), ARGS (extra
+# EPISODES (meta-test episodes, default the config's 1000, or 100 with ITERS), ARGS (extra
 # key=value overrides for src.train), EVAL_ARGS (for src.evaluate), BENCH_ARGS
 # (for src.bench), COLLECT=1 (table1: collect only), OMNIGLOT_SRC (folder with
 # the official archives), MINIIMAGENET_IMAGES (Ravi & Larochelle's images/
@@ -28,7 +28,10 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 MODEL ?= maml metadrop
 ITERS ?=
-EPISODES ?=
+# A shortened run is a quick look: its meta-test uses the first 100 of the
+# 1000 fixed episodes unless EPISODES says otherwise (meta-dropout's meta-test,
+# 30 noise samples per inner step, costs seconds per episode on a CPU).
+EPISODES ?= $(if $(ITERS),100)
 ARGS ?=
 EVAL_ARGS ?=
 BENCH_ARGS ?=

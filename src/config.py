@@ -56,7 +56,7 @@ class Config:
     test_episodes: int = 1000
     test_mc_samples: int = 30        # S at meta-test (meta-dropout only)
     test_seed: int = 1000            # fixes the test episodes for every model
-    eval_batch: int = 10             # episodes per compiled evaluation call
+    eval_batch: int = 2              # episodes per compiled evaluation call (run side by side)
 
 
 CHOICES = {
