@@ -191,6 +191,7 @@ def train(config, workdir):
 
 def _log_progress(log, it, config, window, t0, start, learner, batch):
     mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+    mean["sec"] = float(np.median([w["sec"] for w in window]))  # robust to tracing
     rate = (it - start) / (time.time() - t0)
     eta = (config.iterations - it) / rate
     values = {"train/loss": mean["loss"], "train/accuracy": mean["accuracy"],
