@@ -8,7 +8,7 @@
 #   make table1                          all 16 cells of the paper's Table 1 -> runs/table1.md, .json
 #   make table1 ITERS=500 EPISODES=100   shortened runs (runs/*_iters500) -> runs/table1_iters500.md
 #   make table1 COLLECT=1                only collect existing results (no training)
-#   make bench BENCH_ARGS="--settings miniimagenet_1shot,miniimagenet_5shot --models maml,metadrop"
+#   make bench BENCH_ARGS="--settings omniglot_1shot --models metadrop --eval"
 #   make test | test-slow | bench | tensorboard | data | data-miniimagenet | venv
 #
 # Variables: MODEL (any of "maml metadrop metasgd metasgd_metadrop", default

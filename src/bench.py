@@ -1,6 +1,6 @@
 """Speed and memory benchmark of meta-training (and meta-test) steps.
 
-    python -m src.bench [--settings omniglot_1shot,omniglot_5shot]
+    python -m src.bench [--settings omniglot_1shot,omniglot_5shot,...]
         [--models maml,metadrop] [--iters 10] [--warmup 2] [--eval]
         [--set key=value ...] [--out runs/bench/results.json]
 
@@ -46,6 +46,10 @@ from src.config import ConfigError, load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_NOTE = ("synthetic episodes: random pixels with the real shapes of each "
              "config (speed does not depend on pixel values)")
+
+
+SETTINGS = ("omniglot_1shot", "omniglot_5shot", "miniimagenet_1shot",
+            "miniimagenet_5shot")
 
 
 def config_path(setting, model):
@@ -293,9 +297,9 @@ def table(results, do_eval):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m src.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", type=_csv, default=["omniglot_1shot", "omniglot_5shot"],
+    parser.add_argument("--settings", type=_csv, default=list(SETTINGS),
                         help="comma-separated settings: yaml/<setting>_<model>.yaml "
-                             "(default: omniglot_1shot,omniglot_5shot)")
+                             f"(default: {','.join(SETTINGS)})")
     parser.add_argument("--models", type=_csv, default=["maml", "metadrop"],
                         help="comma-separated models (default: maml,metadrop)")
     parser.add_argument("--iters", type=int, default=10, help="timed meta-iterations")
