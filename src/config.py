@@ -41,6 +41,7 @@ class Config:
     first_order: bool = False        # first-order MAML (never the default)
     mc_samples: int = 1              # S at meta-training
     clip: float = 3.0                # element-wise gradient clip; 0 disables
+    parallel_tasks: int = 2          # tasks computed side by side (bounds memory); 0 = all
     seed: int = 0                    # initialisation, episodes and noise
 
     # Logging, checkpoints, validation.
@@ -65,7 +66,7 @@ CHOICES = {
     "learner": ("maml", "meta_sgd"),
 }
 NON_NEGATIVE = ("seed", "test_seed", "clip", "val_every", "intra_op_threads",
-                "inter_op_threads")
+                "inter_op_threads", "parallel_tasks")
 POSITIVE = ("inner_lr", "meta_lr", "way", "shot", "query", "inner_steps", "meta_batch", "iterations",
             "mc_samples", "log_every", "ckpt_every", "val_episodes",
             "test_episodes", "test_mc_samples", "eval_batch")

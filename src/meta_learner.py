@@ -107,11 +107,14 @@ class MetaLearner(tf.Module):
       first_order: drop second-order terms (an option, never the default).
       mc_samples: S at meta-training.
       clip: element-wise meta-gradient clip to [-clip, clip]; 0 disables.
+      parallel_tasks: tasks of a meta-batch whose graphs may run side by
+        side (bounds memory, see ``meta_gradients``); 0 = all.
     """
 
     def __init__(self, model, inner_lr, inner_steps, meta_lr, meta_sgd=False,
-                 first_order=False, mc_samples=1, clip=3.0):
+                 first_order=False, mc_samples=1, clip=3.0, parallel_tasks=0):
         super().__init__(name="meta_learner")
+        self.parallel_tasks = parallel_tasks
         self.model = model
         self.inner_steps = inner_steps
         self.first_order = first_order
@@ -134,42 +137,58 @@ class MetaLearner(tf.Module):
         # Create Adam's slots now, so that the compiled step is traced once.
         self.optimizer.build(self.variables_list)
 
+    def task(self, batch, b, seed, mc_samples):
+        """(query loss, query accuracy) of task b of ``batch``, adapted with
+        ``mc_samples`` noise samples per inner step; its noise seed is
+        fold_in(seed, b)."""
+        return task_loss(
+            self.model, self.model.params(), self.inner_lr,
+            batch["support_x"][b], batch["support_y"][b],
+            batch["query_x"][b], batch["query_y"][b],
+            self.inner_steps, mc_samples,
+            tf.random.experimental.stateless_fold_in(seed, b), self.first_order)
+
     def meta_loss(self, batch, seed, mc_samples=None):
         """Mean query loss and accuracy over a meta-batch.
 
         Args:
           batch: dict with support_x [B, Ns, H, W, C], support_y int [B, Ns],
             query_x [B, Nq, H, W, C], query_y int [B, Nq] (B static).
-          seed: int [2]; task b uses fold_in(seed, b).
+          seed: int [2] noise seed.
+          mc_samples: S for the inner loop (default: the training S).
         Returns:
           (scalar loss, [B] per-task accuracies).
         """
-        params = self.model.params()
         mc = self.mc_samples if mc_samples is None else mc_samples
-        losses, accs = [], []
-        for b in range(batch["support_x"].shape[0]):
-            loss, acc = task_loss(
-                self.model, params, self.inner_lr,
-                batch["support_x"][b], batch["support_y"][b],
-                batch["query_x"][b], batch["query_y"][b],
-                self.inner_steps, mc,
-                tf.random.experimental.stateless_fold_in(seed, b),
-                self.first_order)
-            losses.append(loss)
-            accs.append(acc)
-        return tf.add_n(losses) / len(losses), tf.stack(accs)
+        losses, accs = zip(*[self.task(batch, b, seed, mc)
+                             for b in range(batch["support_x"].shape[0])])
+        return tf.add_n(list(losses)) / len(losses), tf.stack(accs)
 
     def meta_gradients(self, batch, seed):
-        """(loss, [B] accuracies, gradients aligned with ``variables_list``).
+        """(mean loss, [B] accuracies, gradients aligned with ``variables_list``)
+        of the meta-loss ``meta_loss(batch, seed)``.
 
-        Parameters without a path to the meta-loss (the head's φ under first
-        order) get zeros rather than None.
+        Each task's gradient comes from its own tape, and task b starts only
+        once the gradient of task b - ``parallel_tasks`` is done: the
+        second-order graph keeps every inner step's activations until the
+        backward pass, so this bounds the memory by ``parallel_tasks`` tasks
+        instead of the whole meta-batch.  Parameters without a path to the
+        meta-loss (the head's φ under first order) get zeros, not None.
         """
-        with tf.GradientTape() as tape:
-            loss, accs = self.meta_loss(batch, seed)
-        grads = tape.gradient(loss, self.variables_list,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return loss, accs, grads
+        num_tasks = batch["support_x"].shape[0]
+        losses, accs, grads = [], [], []
+        for b in range(num_tasks):
+            wait = self.parallel_tasks and b >= self.parallel_tasks
+            with tf.control_dependencies(grads[b - self.parallel_tasks] if wait else []):
+                with tf.GradientTape() as tape:
+                    loss, acc = self.task(batch, b, seed, self.mc_samples)
+                grads.append(tape.gradient(
+                    loss, self.variables_list,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            losses.append(loss)
+            accs.append(acc)
+        mean_grads = [tf.add_n(list(g)) / num_tasks for g in zip(*grads)]
+        return tf.add_n(losses) / num_tasks, tf.stack(accs), mean_grads
 
     @tf.function
     def train_step(self, batch, seed):

@@ -27,7 +27,7 @@ from src.model import ConvNet
 RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "val_every",
                      "val_episodes", "test_episodes", "test_mc_samples",
                      "eval_batch", "data_dir", "intra_op_threads",
-                     "inter_op_threads", "deterministic_ops")
+                     "inter_op_threads", "deterministic_ops", "parallel_tasks")
 
 
 def configure_tensorflow(config):
@@ -61,7 +61,7 @@ def build(config):
         meta_lr=config.meta_lr, meta_sgd=config.learner == "meta_sgd",
         first_order=config.first_order,
         mc_samples=config.mc_samples if config.noise != "none" else 1,
-        clip=config.clip)
+        clip=config.clip, parallel_tasks=config.parallel_tasks)
     return model, learner
 
 
