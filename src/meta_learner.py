@@ -128,7 +128,6 @@ class MetaLearner(tf.Module):
         else:
             self.inner_lr = {k: tf.constant(inner_lr, v.dtype)
                              for k, v in theta.items()}
-        self.meta_sgd = meta_sgd
         self.variables_list = list(model.params().values())
         if meta_sgd:
             self.variables_list += list(self.inner_lr.values())
