@@ -41,7 +41,7 @@ def evaluate(config, workdir):
     images = data_lib.load_split(os.path.join(config.data_dir, "test.npy"))
     tic = time.time()
     accs = evaluate_episodes(learner, config, images, config.test_episodes,
-                             seed=config.test_seed)
+                             seed=config.test_seed, progress=True)
     mean, ci95 = summarize(accs)
     results = {
         "accuracy": round(mean, 4), "ci95": round(ci95, 4),

@@ -88,14 +88,23 @@ def val_split_path(config):
     return path if os.path.exists(path) else os.path.join(config.data_dir, "test.npy")
 
 
-def evaluate_episodes(learner, config, images, num_episodes, seed):
-    """Accuracies [num_episodes] on fixed episodes of ``images`` [C, N, D]."""
+def evaluate_episodes(learner, config, images, num_episodes, seed, progress=False):
+    """Accuracies [num_episodes] on fixed episodes of ``images`` [C, N, D];
+    with ``progress``, prints a line with the running mean and ETA about
+    every tenth of the way."""
     mc = config.test_mc_samples if config.noise != "none" else 1
     batches = data_lib.fixed_episodes(
         images, image_shape(config), config.way, config.shot, config.query,
         num_episodes, seed, config.eval_batch)
-    accs = [learner.eval_step(batch, tf.constant([seed, i], tf.int64), mc).numpy()
-            for i, batch in enumerate(batches)]
+    accs, tic, every = [], time.time(), max(1, num_episodes // 10)
+    for i, batch in enumerate(batches):
+        accs.append(learner.eval_step(batch, tf.constant([seed, i], tf.int64), mc).numpy())
+        done = sum(len(a) for a in accs)
+        if progress and (done // every > (done - len(accs[-1])) // every):
+            eta = (time.time() - tic) / done * (num_episodes - done)
+            print(f"  {done}/{num_episodes} episodes, accuracy so far "
+                  f"{100 * np.mean(np.concatenate(accs)):.2f}%, ETA {eta / 60:.1f} min",
+                  flush=True)
     return np.concatenate(accs)
 
 
