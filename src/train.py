@@ -21,7 +21,7 @@ import tensorflow as tf
 from src import data as data_lib
 from src.config import load_config, save_config, ConfigError
 from src.meta_learner import MetaLearner
-from src.model import ConvNet
+from src.model import DATASETS, ConvNet
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "val_every",
@@ -77,7 +77,8 @@ def make_checkpoint(learner, workdir):
 
 
 def image_shape(config):
-    return (28, 28, 1) if config.dataset == "omniglot" else (84, 84, 3)
+    """(H, W, C) of the config's dataset."""
+    return DATASETS[config.dataset][0]
 
 
 def val_split_path(config):
