@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from src.config import ConfigError, load_config
+from src.config import ConfigError, load_config, meta_test_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_NOTE = ("synthetic episodes: random pixels with the real shapes of each "
@@ -153,7 +153,7 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters):
         "tracings": _tracing_count(learner.train_step)}
 
     if do_eval:
-        mc = config.test_mc_samples if config.noise != "none" else 1
+        mc = meta_test_samples(config)
         episodes = config.eval_batch
 
         def evaluate(batch, seed):

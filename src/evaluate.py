@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from src import data as data_lib
-from src.config import ConfigError, load_config
+from src.config import ConfigError, load_config, meta_test_samples
 from src.train import build, configure_tensorflow, evaluate_episodes, make_checkpoint
 
 
@@ -46,7 +46,7 @@ def evaluate(config, workdir):
     results = {
         "accuracy": round(mean, 4), "ci95": round(ci95, 4),
         "episodes": len(accs),
-        "mc_samples": config.test_mc_samples if config.noise != "none" else 1,
+        "mc_samples": meta_test_samples(config),
         "iterations_trained": int(step),
         "iterations_configured": config.iterations,
         "test_seed": config.test_seed,

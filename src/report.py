@@ -24,7 +24,7 @@ import os
 import re
 import sys
 
-from src.config import Config, ConfigError, load_config
+from src.config import Config, ConfigError, load_config, meta_test_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_ITERATIONS = 60000  # the authors' run files
@@ -191,7 +191,7 @@ def is_fresh(workdir, overrides=()):
         return False
     r = _read_json(path)
     config = load_config(config_yaml, overrides)
-    mc = config.test_mc_samples if config.noise != "none" else 1
+    mc = meta_test_samples(config)
     return (r.get("checkpoint") == latest_checkpoint(workdir)
             and r.get("episodes") == config.test_episodes
             and r.get("mc_samples") == mc

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from src import data as data_lib
-from src.config import load_config, save_config, ConfigError
+from src.config import load_config, meta_test_samples, save_config, ConfigError
 from src.meta_learner import MetaLearner
 from src.model import DATASETS, ConvNet
 
@@ -93,7 +93,7 @@ def evaluate_episodes(learner, config, images, num_episodes, seed, progress=Fals
     """Accuracies [num_episodes] on fixed episodes of ``images`` [C, N, D];
     with ``progress``, prints a line with the running mean and ETA about
     every tenth of the way."""
-    mc = config.test_mc_samples if config.noise != "none" else 1
+    mc = meta_test_samples(config)
     batches = data_lib.fixed_episodes(
         images, image_shape(config), config.way, config.shot, config.query,
         num_episodes, seed, config.eval_batch)
