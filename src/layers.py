@@ -178,5 +178,6 @@ class DenseHead(_ParamLayer):
     def call(self, h, params=None, sample=False, seed=None, taps=None):
         """[N, F] features → [N, way] logits (see ConvBlock.call for args)."""
         p = {**self.own_params(), **(params or {})}
-        mu = tf.matmul(h, p["kernel"]) + p["bias"]
-        return self.noise(h, mu, [], p, sample=sample, seed=seed, taps=taps)
+        mu, *maps = linear_maps(
+            h, [(p["kernel"], p["bias"])] + self.noise.input_maps(p), tf.matmul)
+        return self.noise(h, mu, maps, p, sample=sample, seed=seed, taps=taps)

@@ -3,8 +3,8 @@
 A noise kind sits between a layer's linear map μ (computed with θ) and what
 follows it.  If it needs linear maps of the layer's input h of its own (α =
 conv_φ(h)), it lists their (kernel, bias) in ``input_maps``; the host layer
-computes them with its own conv / matmul and hands the results over.  It may own variables, which it registers on its host layer in
-``build``: in group ``phi`` if they are meta-learned only (meta-dropout's
+computes them with its own conv / matmul and hands the results over.  It may
+own variables, which it registers on its host layer in ``build``: in group ``phi`` if they are meta-learned only (meta-dropout's
 noise generator), or in group ``theta`` if the inner loop adapts them.  The
 meta-learner never needs to know which kind is in use.
 
@@ -90,10 +90,14 @@ class AdditiveHeadNoise(NoNoise):
         layer.new_weight("phi", "noise_kernel", [fan_in, 1], "dense")
         layer.new_weight("phi", "noise_bias", [1], "zeros")
 
+    def input_maps(self, p):
+        return [(p["noise_kernel"], p["noise_bias"])]
+
     def __call__(self, h, mu, maps, p, sample, seed, taps=None):
         if not sample:
             return mu
-        sigma = tf.nn.softplus(tf.matmul(h, p["noise_kernel"]) + p["noise_bias"])
+        pre_sigma, = maps
+        sigma = tf.nn.softplus(pre_sigma)
         if taps is not None:
             taps["sigma"] = sigma
         return mu + sigma * normal(tf.shape(mu), seed, mu.dtype)

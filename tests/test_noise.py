@@ -205,13 +205,19 @@ def head_params(rng, features, dtype):
             "noise_bias": tf.constant([0.3], dtype)}
 
 
+def head_maps(h, p):
+    """What DenseHead hands the head noise: its input map h . w_phi + b_phi."""
+    return [tf.matmul(h, p["noise_kernel"]) + p["noise_bias"]]
+
+
 def test_head_noise_deterministic_returns_mu():
     """sample=False: the head noise returns mu exactly and taps nothing."""
     rng = np.random.default_rng(2)
     mu = tf.constant(rng.normal(size=(6, 5)), tf.float32)
     h = tf.constant(rng.normal(size=(6, 8)), tf.float32)
     taps = {}
-    out = AdditiveHeadNoise()(h, mu, [], head_params(rng, 8, tf.float32),
+    p = head_params(rng, 8, tf.float32)
+    out = AdditiveHeadNoise()(h, mu, head_maps(h, p), p,
                               sample=False, seed=None, taps=taps)
     np.testing.assert_array_equal(out.numpy(), mu.numpy())
     assert taps == {}
@@ -226,7 +232,8 @@ def test_head_noise_sampled_formula():
     p = head_params(rng, 8, tf.float64)
     s = seed(4, 4)
     taps = {}
-    out = AdditiveHeadNoise()(tf.constant(h), tf.constant(mu), [], p, sample=True,
+    out = AdditiveHeadNoise()(tf.constant(h), tf.constant(mu),
+                              head_maps(tf.constant(h), p), p, sample=True,
                               seed=s, taps=taps).numpy()
     sigma = softplus(h @ p["noise_kernel"].numpy() + p["noise_bias"].numpy())
     assert sigma.shape == (6, 1)
@@ -249,8 +256,9 @@ def test_head_noise_sampled_statistics():
     assert np.ptp(sigma) > 0.2  # examples have clearly different scales
     big_h = np.tile(h, (reps, 1))
     big_mu = np.tile(mu, (reps, 1))
-    out = AdditiveHeadNoise()(tf.constant(big_h, tf.float32),
-                              tf.constant(big_mu, tf.float32), [], p,
+    big_h = tf.constant(big_h, tf.float32)
+    out = AdditiveHeadNoise()(big_h, tf.constant(big_mu, tf.float32),
+                              head_maps(big_h, p), p,
                               sample=True, seed=seed(8, 8)).numpy()
     out = out.astype(np.float64).reshape(reps, n_ex, way)
     mean, std = out.mean(0), out.std(0)
