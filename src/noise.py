@@ -4,9 +4,10 @@ A noise kind sits between a layer's linear map μ (computed with θ) and what
 follows it.  If it needs linear maps of the layer's input h of its own (α =
 conv_φ(h)), it lists their (kernel, bias) in ``input_maps``; the host layer
 computes them with its own conv / matmul and hands the results over.  It may
-own variables, which it registers on its host layer in ``build``: in group ``phi`` if they are meta-learned only (meta-dropout's
-noise generator), or in group ``theta`` if the inner loop adapts them.  The
-meta-learner never needs to know which kind is in use.
+own variables, which it registers on its host layer in ``build``: in group
+``phi`` if they are meta-learned only (meta-dropout's noise generator), or in
+group ``theta`` if the inner loop adapts them.  The meta-learner never needs
+to know which kind is in use.
 
 Adding a Table 2 / Table 3 variant means adding one class here and one entry
 in ``BLOCK_NOISES`` or ``HEAD_NOISES``.
