@@ -2,6 +2,7 @@
 
     python -m src.bench [--settings omniglot_1shot,omniglot_5shot,...]
         [--models maml,metadrop] [--iters 10] [--warmup 2] [--eval]
+        [--profile N]
         [--set key=value ...] [--out runs/bench/results.json]
 
 For every setting x model, a fresh Python process (so that the peak memory is
@@ -17,6 +18,11 @@ overrides), builds the model and meta-learner exactly as ``src.train`` does
 With ``--eval`` it also times ``learner.eval_step`` (meta-test adaptation of
 ``eval_batch`` episodes per call, with ``test_mc_samples`` noise samples per
 inner step for meta-dropout, 1 for MAML) in seconds per episode.
+
+With ``--profile N`` it then runs N more meta-iterations under
+``tf.profiler`` and reports where their time goes: the thread time of each
+op type per meta-iteration, summed over TensorFlow's compute threads (with
+two threads kept busy, the wall time is about half of the total).
 
 The episodes are synthetic: random pixels with the real shapes of the config
 (support [B, way*shot, H, W, C], query [B, way*query, H, W, C], labels in
@@ -104,7 +110,58 @@ def _tracing_count(fn):
         return None
 
 
-def run_child(path, overrides, iters, warmup, do_eval, eval_iters):
+def op_thread_times(xspace_path, steps):
+    """Thread time per op type, from a ``tf.profiler`` XSpace file.
+
+    Sums the durations of the op events on the host's TensorFlow compute
+    threads (``tf_Compute/...`` lines); the executor's ``ExecutorState::``
+    spans, which enclose the ops, are left out.
+
+    Args:
+      xspace_path: a ``*.xplane.pb`` written by ``tf.profiler.experimental``.
+      steps: meta-iterations profiled, to express the times per iteration.
+    Returns:
+      {op type: seconds per iteration}, largest first.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    space = xplane_pb2.XSpace()
+    with open(xspace_path, "rb") as f:
+        space.ParseFromString(f.read())
+    totals = {}
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                if meta.name.startswith("ExecutorState::"):
+                    continue
+                op = meta.display_name or meta.name.rsplit(":", 1)[-1]
+                totals[op] = totals.get(op, 0.0) + event.duration_ps * 1e-12 / steps
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def profile_steps(step, batches, seeds):
+    """Runs step(batch, seed) on each under ``tf.profiler``; returns
+    ``op_thread_times`` of those steps and their wall seconds."""
+    import glob
+
+    import tensorflow as tf
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        times = _timed(step, batches, seeds)
+        tf.profiler.experimental.stop()
+        path, = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
+        ops = op_thread_times(path, len(times))
+    return {"steps": len(times), "wall_s_per_step": sum(times) / len(times),
+            "thread_s_per_step": sum(ops.values()),
+            "conv_thread_s_per_step": sum(v for k, v in ops.items() if "Conv2D" in k),
+            "ops_thread_s_per_step": {k: round(v, 5) for k, v in ops.items()}}
+
+
+def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
     """Benchmarks one config in this process; returns the result dict."""
     import numpy as np
     import tensorflow as tf
@@ -151,6 +208,13 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters):
         "warmup_s": [round(t, 4) for t in times[:warmup]],
         "iters": iters, **_summary(times[warmup:]),
         "tracings": _tracing_count(learner.train_step)}
+
+    if profile:
+        batches = [synthetic_batch(rng, config, config.meta_batch, shape)
+                   for _ in range(profile)]
+        seeds = [tf.constant([config.seed, n + it], tf.int64)
+                 for it in range(1, profile + 1)]
+        result["profile"] = profile_steps(train, batches, seeds)
 
     if do_eval:
         mc = meta_test_samples(config)
@@ -241,7 +305,7 @@ def run_one(setting, model, args):
         out = os.path.join(tmp, "child.json")
         cmd = [sys.executable, "-m", "src.bench", "--child", path, "--child-out", out,
                "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--eval-iters", str(args.eval_iters)]
+               "--eval-iters", str(args.eval_iters), "--profile", str(args.profile)]
         cmd += ["--eval"] if args.eval else []
         for o in args.set:
             cmd += ["--set", o]
@@ -294,6 +358,20 @@ def table(results, do_eval):
     return "\n".join(lines)
 
 
+def profile_table(result, top=12):
+    """Text summary of one result's ``profile`` entry: the top op types."""
+    p = result["profile"]
+    total = p["thread_s_per_step"]
+    lines = [f"\n{result['setting']} {result['model']}: {p['steps']} profiled "
+             f"meta-iterations, {p['wall_s_per_step']:.3f} s wall each; op thread "
+             f"time {total:.3f} s per iteration, of which convolutions "
+             f"{p['conv_thread_s_per_step']:.3f} s "
+             f"({100 * p['conv_thread_s_per_step'] / total:.0f}%)"]
+    for op, sec in list(p["ops_thread_s_per_step"].items())[:top]:
+        lines.append(f"  {op:<34} {1e3 * sec:8.1f} ms  {100 * sec / total:5.1f}%")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m src.bench", description=__doc__.split("\n\n")[0])
@@ -310,6 +388,9 @@ def parse_args(argv):
     parser.add_argument("--eval-iters", type=int, default=None,
                         help="timed eval_step calls of eval_batch episodes each "
                              "(default: --iters)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N more meta-iterations and print the "
+                             "thread time of each op type (default: 0, off)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable), "
                              "e.g. --set inner_steps=1")
@@ -319,8 +400,9 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.eval_iters is None:
         args.eval_iters = args.iters
-    if args.iters < 1 or args.warmup < 0 or args.eval_iters < 1:
-        parser.error("--iters and --eval-iters must be >= 1, --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.eval_iters < 1 or args.profile < 0:
+        parser.error("--iters and --eval-iters must be >= 1, --warmup and "
+                     "--profile >= 0")
     return args
 
 
@@ -328,7 +410,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         result = run_child(args.child, args.set, args.iters, args.warmup,
-                           args.eval, args.eval_iters)
+                           args.eval, args.eval_iters, args.profile)
         with open(args.child_out, "w") as f:
             json.dump(result, f)
         return 0
@@ -362,7 +444,8 @@ def main(argv=None):
         "data": DATA_NOTE,
         "machine": machine,
         "args": {k: getattr(args, k) for k in
-                 ("settings", "models", "iters", "warmup", "eval", "eval_iters", "set")},
+                 ("settings", "models", "iters", "warmup", "eval", "eval_iters",
+                  "profile", "set")},
         "results": results,
     }
     if os.path.dirname(args.out):
@@ -379,6 +462,9 @@ def main(argv=None):
     print(f"{DATA_NOTE}; {args.warmup} warm-up + {args.iters} timed steps"
           + (f" (overrides: {' '.join(args.set)})" if args.set else ""))
     print(table(results, args.eval))
+    for r in results:
+        if "profile" in r:
+            print(profile_table(r))
     print(f"wrote {args.out}")
     return 1 if any("error" in r for r in results) else 0
 

@@ -1,0 +1,76 @@
+"""The benchmark's profile: op thread times read from a tf.profiler XSpace
+(checked on a hand-built XSpace whose totals are known), and one profiled
+run through the real CLI (a subprocess; ~30-60 s on 2 cores)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.bench import op_thread_times
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _xspace(path):
+    """Two compute threads and a python thread; durations in ps."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    names = {1: ("ExecutorState::Process", ""),
+             2: ("block2/add_3:_MklNativeFusedConv2D", "_MklNativeFusedConv2D"),
+             3: ("block1/mul_7:Mul", "Mul"),
+             4: ("block1/Softplus_2:Softplus", ""),   # no display name
+             5: ("train_step", "")}
+    for i, (name, display) in names.items():
+        plane.event_metadata[i].id = i
+        plane.event_metadata[i].name = name
+        plane.event_metadata[i].display_name = display
+    events = {"tf_Compute/11": [(1, 0, 9_000_000), (2, 1_000, 6_000_000),
+                                (3, 7_000_000, 1_000_000)],
+              "tf_Compute/12": [(1, 0, 5_000_000), (2, 0, 2_000_000),
+                                (4, 2_000_000, 3_000_000)],
+              "python": [(5, 0, 50_000_000)]}
+    for line_name, evs in events.items():
+        line = plane.lines.add(name=line_name)
+        for meta, offset, duration in evs:
+            line.events.add(metadata_id=meta, offset_ps=offset, duration_ps=duration)
+    other = space.planes.add(name="/host:metadata")
+    other.lines.add(name="tf_Compute/99").events.add(metadata_id=1, duration_ps=10**12)
+    with open(path, "wb") as f:
+        f.write(space.SerializeToString())
+
+
+def test_op_thread_times_sums_ops_per_step(tmp_path):
+    path = tmp_path / "x.xplane.pb"
+    _xspace(path)
+    times = op_thread_times(str(path), steps=2)
+    # Executor spans, the python thread and other planes are not op time.
+    assert list(times) == ["_MklNativeFusedConv2D", "Softplus", "Mul"]
+    assert times["_MklNativeFusedConv2D"] == pytest.approx((6e-6 + 2e-6) / 2)
+    assert times["Softplus"] == pytest.approx(3e-6 / 2)
+    assert times["Mul"] == pytest.approx(1e-6 / 2)
+
+
+def test_profiled_bench_run(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.bench", "--settings", "omniglot_1shot",
+         "--models", "metadrop", "--iters", "1", "--warmup", "1", "--profile", "2",
+         "--set", "way=5", "--set", "query=2", "--set", "inner_steps=1",
+         "--set", "meta_batch=2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry, = json.loads(out.read_text())["results"]
+    prof = entry["profile"]
+    assert prof["steps"] == 2
+    ops = prof["ops_thread_s_per_step"]
+    assert any("Conv2D" in op for op in ops) and "Softplus" in ops
+    assert 0 < prof["conv_thread_s_per_step"] < prof["thread_s_per_step"]
+    # Op time cannot exceed the wall time times the compute threads.
+    threads = max(entry["threads"]["tf_inter_op"], 1) * max(entry["threads"]["tf_intra_op"], 1)
+    assert prof["thread_s_per_step"] <= 1.05 * prof["wall_s_per_step"] * max(threads, os.cpu_count())
+    assert "of which convolutions" in proc.stdout
