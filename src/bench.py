@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 
-from src.config import ConfigError, load_config, meta_test_samples
+from src.config import ConfigError, load_config, meta_test_samples, meta_train_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_NOTE = ("synthetic episodes: random pixels with the real shapes of each "
@@ -180,7 +180,7 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
         "query": config.query, "meta_batch": config.meta_batch,
         "inner_steps": config.inner_steps, "noise": config.noise,
         "learner": config.learner, "first_order": config.first_order,
-        "mc_samples": config.mc_samples if config.noise != "none" else 1,
+        "mc_samples": meta_train_samples(config),
         "fused_bn": config.fused_bn,
         "shapes": {
             "support_x": [config.meta_batch, config.way * config.shot, *shape],

@@ -169,6 +169,12 @@ def load_config(path=None, overrides=()):
     return Config(**values)
 
 
+def meta_train_samples(config):
+    """Noise samples per inner step at meta-training: ``mc_samples`` for a
+    noisy model, 1 for MAML (no noise to average over)."""
+    return config.mc_samples if config.noise != "none" else 1
+
+
 def meta_test_samples(config):
     """Noise samples per inner step at meta-test: ``test_mc_samples`` for a
     noisy model, 1 for MAML (no noise to average over)."""

@@ -19,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from src import data as data_lib
-from src.config import load_config, meta_test_samples, save_config, ConfigError
+from src.config import (ConfigError, load_config, meta_test_samples,
+                        meta_train_samples, save_config)
 from src.meta_learner import MetaLearner
 from src.model import DATASETS, ConvNet
 
@@ -60,7 +61,7 @@ def build(config):
         model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
         meta_lr=config.meta_lr, meta_sgd=config.learner == "meta_sgd",
         first_order=config.first_order,
-        mc_samples=config.mc_samples if config.noise != "none" else 1,
+        mc_samples=meta_train_samples(config),
         clip=config.clip, parallel_tasks=config.parallel_tasks)
     return model, learner
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.config import CHOICES, POSITIVE, Config, ConfigError, load_config, save_config
+from src.config import (CHOICES, POSITIVE, Config, ConfigError, load_config,
+                        meta_test_samples, meta_train_samples, save_config)
 
 REPO = Path(__file__).resolve().parents[1]
 YAML_DIR = REPO / "yaml"
@@ -317,3 +318,10 @@ def test_bad_base_chain_is_a_config_error(tmp_path, text, match):
     (tmp_path / "a.yaml").write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("noise, train_s, test_s", [("meta_dropout", 3, 7), ("none", 1, 1)])
+def test_noise_samples_only_for_noisy_models(noise, train_s, test_s):
+    # MAML has no noise to average over: one pass, whatever mc_samples says.
+    config = load_config(None, [f"noise={noise}", "mc_samples=3", "test_mc_samples=7"])
+    assert (meta_train_samples(config), meta_test_samples(config)) == (train_s, test_s)
