@@ -71,9 +71,12 @@ venv: .venv/.installed
 
 data: data/omniglot/manifest.json
 
-# The manifest is written last, so an interrupted preparation is redone.
-data/omniglot/manifest.json: | .venv/.installed
+# The manifest is written last, so an interrupted preparation is redone.  A
+# changed data_prep/omniglot.py reruns the (idempotent) preparation, which
+# rebuilds arrays of an older format version; touch marks them checked.
+data/omniglot/manifest.json: data_prep/omniglot.py | .venv/.installed
 	$(PY) -m data_prep.omniglot --src $(OMNIGLOT_SRC) --out data/omniglot $(OMNIGLOT_DOWNLOAD)
+	touch $@
 
 data-miniimagenet: data/miniimagenet/manifest.json
 

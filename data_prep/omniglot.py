@@ -22,8 +22,13 @@ Output (in ``--out``)
 Protocol (Vinyals et al. 2016, as in MAML): the 1623 character folders of both
 archives are pooled and sorted by path, shuffled with
 ``np.random.RandomState(seed).permutation``; the first 1200 characters are
-meta-train, the other 423 meta-test. Each image is converted to 8-bit grey,
-resized to 28x28 with PIL's LANCZOS filter and inverted (ink = 255 - pixel).
+meta-train, the other 423 meta-test. Each image is resized to 28x28 with
+nearest-neighbour sampling, so that it stays binary, and inverted
+(ink = 255 - pixel).  This is what MAML's ``resize_images.py`` produced, the
+source of the original authors' arrays: it asks PIL for LANCZOS, but PIL
+resizes 1-bit images with NEAREST whatever filter is asked.  (An earlier
+version of this script resized with a real LANCZOS filter, which leaves about
+9% of the pixels grey; its arrays carry format version 1 and are rebuilt.)
 Every rotation by k * 90 degrees (``np.rot90``, k = 0..3) is a class of its
 own: class index = 4 * character index + k. The 20 images of a class are in
 drawer order (sorted file names).
@@ -49,7 +54,7 @@ from PIL import Image
 
 from data_prep.errors import DataPrepError  # shared with data_prep.miniimagenet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: binary images (nearest-neighbour resize, as MAML)
 IMAGE_SIZE = 28
 ROTATIONS = (0, 90, 180, 270)
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{name}"
@@ -257,7 +262,8 @@ def load_character(z, members):
     """Decode one character's PNGs from the open zip ``z``.
 
     Returns uint8 [len(members), 28, 28] with ink = 255, background = 0
-    (converted to 'L', resized with LANCZOS, then 255 - pixel).
+    (converted to 'L', resized with NEAREST, then 255 - pixel; for the
+    official 1-bit PNGs every value is 0 or 255).
     """
     out = np.empty((len(members), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     for i, m in enumerate(members):
@@ -267,7 +273,7 @@ def load_character(z, members):
             raise DataPrepError(
                 "Cannot decode {} in {} ({}). {}".format(
                     m, z.filename, e, _redownload_hint(os.path.basename(z.filename)))) from None
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
         out[i] = 255 - np.asarray(img, dtype=np.uint8)
     return out
 

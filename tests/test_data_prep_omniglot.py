@@ -87,11 +87,18 @@ def build_archives(src, layout=LAYOUT, images=IMAGES, compression=zipfile.ZIP_DE
     return drawn
 
 
+def maml_resize(img):
+    """MAML's resize_images.py, literally: ``im.resize((28, 28),
+    resample=Image.LANCZOS)`` on the 1-bit image (PIL samples 1-bit images
+    with NEAREST whatever the filter), then 8-bit grey."""
+    return np.asarray(img.resize((28, 28), resample=Image.Resampling.LANCZOS).convert("L"))
+
+
 def expected_class(img_list, k):
-    """Independent reference: 'L', LANCZOS 28x28, 255 - x, rot90 k -> [N, 784]."""
+    """Independent reference: MAML's resize, 255 - x, rot90 k -> [N, 784]."""
     out = []
     for img in img_list:
-        a = 255 - np.asarray(img.convert("L").resize((28, 28), Image.Resampling.LANCZOS))
+        a = 255 - maml_resize(img)
         out.append(np.rot90(a, k).reshape(-1))
     return np.stack(out).astype(np.uint8)
 
@@ -389,6 +396,25 @@ def test_real_archives_full_prep(real_out):
                                                                    "images_evaluation"}
     base = np.asarray(test[8]).reshape(20, 28, 28)
     np.testing.assert_array_equal(test[11], np.rot90(base, 3, axes=(1, 2)).reshape(20, -1))
+    # Binary, as MAML's resized images: no grey pixel anywhere.
+    assert set(np.unique(sample)) == {0, 255}
+
+
+def test_real_archives_match_maml_resize(real_out):
+    """The first character of the test split, unrotated, equals MAML's
+    resize_images.py applied to its 20 PNGs read straight from the archive."""
+    src, out = real_out
+    man = json.loads((out / "manifest.json").read_text())
+    name, rotation = man["classes"]["test"][0].split("@")
+    assert rotation == "rot0"
+    root = name.split("/")[0]
+    with zipfile.ZipFile(src / (root + ".zip")) as z:
+        pngs = sorted(m for m in z.namelist()
+                      if m.startswith(name + "/") and m.endswith(".png"))
+        images = [Image.open(io.BytesIO(z.read(m))) for m in pngs]
+        assert len(images) == 20 and images[0].mode == "1"
+        expected = expected_class(images, 0)
+    np.testing.assert_array_equal(np.load(out / "test.npy", mmap_mode="r")[0], expected)
 
 
 def test_real_archives_second_run_is_quick(real_out):
