@@ -17,6 +17,7 @@ Batches are dicts of numpy arrays, B tasks each::
 uint8 pixels are divided by 255; float pixels are kept (cast to float32).
 """
 
+import json
 import os
 
 import numpy as np
@@ -49,6 +50,56 @@ def load_split(path):
             "again.".format(path, e)) from None
     _check_images(images, path)
     return images
+
+
+# Manifest fields that determine the prepared arrays (data_prep writes them).
+_SIGNATURE_KEYS = ("dataset", "format_version", "source", "seed", "sources")
+
+
+def data_signature(data_dir):
+    """What identifies the prepared data in ``data_dir``: the determining
+    fields of its ``manifest.json`` (format version, source, seed, source
+    checksums) as a dict, or None if it has no manifest (hand-made arrays)."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    return {k: manifest.get(k) for k in _SIGNATURE_KEYS}
+
+
+def check_run_data(data_dir, workdir):
+    """Ties a run to the data it is trained on.
+
+    The first call for ``workdir`` records ``data_signature(data_dir)`` in
+    ``workdir/data.json``; later calls (resume, evaluation) raise
+    :class:`DataError` if the data has changed since, e.g. re-prepared in a
+    newer format: a run's checkpoints are only comparable on the images they
+    were trained on.  Returns a warning string for runs older than the
+    record (checkpoints but no data.json), else None.
+    """
+    record = os.path.join(workdir, "data.json")
+    current = data_signature(data_dir)
+    if os.path.exists(record):
+        with open(record) as f:
+            recorded = json.load(f)
+        if recorded != current:
+            changed = sorted(k for k in _SIGNATURE_KEYS
+                             if (recorded or {}).get(k) != (current or {}).get(k))
+            raise DataError(
+                "The data in {} is not the data this run was trained on (manifest "
+                "fields that differ: {}; recorded in {}). Use another --workdir to "
+                "train on the new data, or point data_dir at the old data.".format(
+                    data_dir, ", ".join(changed) or "manifest added or removed", record))
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    legacy = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    with open(record, "w") as f:
+        json.dump(current, f, indent=2)
+    if legacy:
+        return ("warning: {} has checkpoints but no record of its data; recorded the "
+                "data in {} as this run's from now on".format(workdir, data_dir))
+    return None
 
 
 def _check_images(images, name="images"):

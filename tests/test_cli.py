@@ -47,7 +47,16 @@ def data_dir(tmp_path_factory):
                 img = img + rng.normal(scale=0.1, size=img.shape)
                 out[c, i] = (img > 0.5).ravel().astype(np.uint8) * 255
         np.save(d / f"{name}.npy", out)
+    (d / "manifest.json").write_text(json.dumps(MANIFEST))
     return str(d)
+
+
+# What data_prep writes beside the arrays (the fields that identify them).
+MANIFEST = {"dataset": "omniglot", "format_version": 2, "source": "archives", "seed": 1,
+            "sources": [{"name": "images_background.zip", "size": 1, "md5": "0" * 32}],
+            "shapes": {"train": [40, 20, 784], "test": [30, 20, 784]}}
+SIGNATURE = {k: MANIFEST[k] for k in ("dataset", "format_version", "source", "seed",
+                                      "sources")}
 
 
 def run(module, args, wait=True):
@@ -179,6 +188,9 @@ def test_train_then_evaluate_smoke(tmp_path, data_dir):
     assert isinstance(results["config"], dict)
     assert {k: v for k, v in results["config"].items()} == saved
     assert f"{results['accuracy']:.2f}" in proc.stdout
+    # The run is tied to the data it was trained on.
+    assert results["data"] == SIGNATURE
+    assert json.loads((w / "data.json").read_text()) == SIGNATURE
 
 
 def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):
@@ -191,6 +203,27 @@ def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):
     assert "inner_lr," in proc.stderr  # the list of valid keys
     assert "Traceback" not in proc.stderr
     assert not w.exists()
+
+
+def test_train_and_evaluate_refuse_data_changed_since_training(tmp_path, data_dir):
+    """A run recorded on format-1 data (e.g. before a data_prep change) is
+    neither resumed nor evaluated on the re-prepared data: both exit
+    non-zero naming the manifest field that differs, before any TF work, and
+    leave the run's files as they were."""
+    from src.config import load_config, save_config
+    w = tmp_path / "old_run"
+    w.mkdir()
+    old = {**SIGNATURE, "format_version": 1}
+    (w / "data.json").write_text(json.dumps(old))
+    save_config(load_config(CONFIG, TINY + [f"data_dir={data_dir}"]), str(w / "config.yaml"))
+    before = {p.name: p.read_text() for p in w.iterdir()}
+    for module, args in (("src.train", train_args(w, data_dir)),
+                         ("src.evaluate", ["--workdir", str(w)])):
+        proc = run(module, args)
+        assert proc.returncode != 0, module
+        assert "not the data this run was trained on" in proc.stderr, proc.stderr
+        assert "format_version" in proc.stderr and "Traceback" not in proc.stderr
+        assert {p.name: p.read_text() for p in w.iterdir()} == before
 
 
 # ----------------------------------------------------------------- resume
