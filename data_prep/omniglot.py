@@ -26,9 +26,10 @@ meta-train, the other 423 meta-test. Each image is resized to 28x28 with
 nearest-neighbour sampling, so that it stays binary, and inverted
 (ink = 255 - pixel).  This is what MAML's ``resize_images.py`` produced (it
 asks PIL for LANCZOS, but PIL resizes 1-bit images with NEAREST whatever
-filter is asked), the likely lineage of the original authors' arrays.  (An earlier
-version of this script resized with a real LANCZOS filter, which leaves about
-9% of the pixels grey; its arrays carry format version 1 and are rebuilt.)
+filter is asked), the likely lineage of the original authors' arrays.  (An
+earlier version of this script resized with a real LANCZOS filter, which
+leaves about 9% of the pixels grey; its arrays carry format version 1 and
+are rebuilt.)
 Every rotation by k * 90 degrees (``np.rot90``, k = 0..3) is a class of its
 own: class index = 4 * character index + k. The 20 images of a class are in
 drawer order (sorted file names).
