@@ -19,6 +19,7 @@ uint8 pixels are divided by 255; float pixels are kept (cast to float32).
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -69,14 +70,14 @@ def data_signature(data_dir):
 
 
 def check_run_data(data_dir, workdir):
-    """Ties a run to the data it is trained on.
+    """Ties a run to the data it is trained on; returns ``data_signature(data_dir)``.
 
-    The first call for ``workdir`` records ``data_signature(data_dir)`` in
+    The first call for the (existing) ``workdir`` records the signature in
     ``workdir/data.json``; later calls (resume, evaluation) raise
     :class:`DataError` if the data has changed since, e.g. re-prepared in a
     newer format: a run's checkpoints are only comparable on the images they
-    were trained on.  Returns a warning string for runs older than the
-    record (checkpoints but no data.json), else None.
+    were trained on.  Runs older than the record (checkpoints but no
+    data.json) get a warning on stderr and the current data recorded.
     """
     record = os.path.join(workdir, "data.json")
     current = data_signature(data_dir)
@@ -91,15 +92,14 @@ def check_run_data(data_dir, workdir):
                 "fields that differ: {}; recorded in {}). Use another --workdir to "
                 "train on the new data, or point data_dir at the old data.".format(
                     data_dir, ", ".join(changed) or "manifest added or removed", record))
-        return None
-    os.makedirs(workdir, exist_ok=True)
-    legacy = os.path.isdir(os.path.join(workdir, "checkpoints"))
+        return current
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        print("warning: {} has checkpoints but no record of its data; recorded the "
+              "data in {} as this run's from now on".format(workdir, data_dir),
+              file=sys.stderr)
     with open(record, "w") as f:
         json.dump(current, f, indent=2)
-    if legacy:
-        return ("warning: {} has checkpoints but no record of its data; recorded the "
-                "data in {} as this run's from now on".format(workdir, data_dir))
-    return None
+    return current
 
 
 def _check_images(images, name="images"):

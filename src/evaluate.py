@@ -30,9 +30,7 @@ def summarize(accs):
 
 def evaluate(config, workdir):
     """Evaluates the run in ``workdir``; returns the results dict it writes."""
-    warning = data_lib.check_run_data(config.data_dir, workdir)
-    if warning:
-        print(warning, file=sys.stderr)
+    data = data_lib.check_run_data(config.data_dir, workdir)
     configure_tensorflow(config)
     model, learner = build(config)
     ckpt, manager, step, _ = make_checkpoint(learner, workdir)
@@ -56,7 +54,7 @@ def evaluate(config, workdir):
         "seconds": round(time.time() - tic, 1),
         "checkpoint": os.path.basename(manager.latest_checkpoint),
         "config": dataclasses.asdict(config),
-        "data": data_lib.data_signature(config.data_dir),
+        "data": data,
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -159,9 +159,7 @@ def train(config, workdir):
     """
     os.makedirs(workdir, exist_ok=True)
     _check_resume(config, workdir)
-    warning = data_lib.check_run_data(config.data_dir, workdir)
-    if warning:
-        print(warning, file=sys.stderr)
+    data_lib.check_run_data(config.data_dir, workdir)
     save_config(config, os.path.join(workdir, "config.yaml"))
     configure_tensorflow(config)
 
