@@ -90,21 +90,34 @@ def val_split_path(config):
     return path if os.path.exists(path) else os.path.join(config.data_dir, "test.npy")
 
 
-def evaluate_episodes(learner, config, images, num_episodes, seed, progress=False):
-    """Accuracies [num_episodes] on fixed episodes of ``images`` [C, N, D];
-    with ``progress``, prints a line with the running mean and ETA about
-    every tenth of the way."""
+def evaluate_episodes(learner, config, images, num_episodes, seed, progress=False,
+                      done=(), on_batch=None):
+    """Accuracies [num_episodes] on fixed episodes of ``images`` [C, N, D].
+
+    ``done``: accuracies of the first episodes from an interrupted call with
+    the same arguments; they are kept and their batches skipped (episodes and
+    noise depend only on ``seed`` and the batch index, so the result is the
+    same as one uninterrupted call). ``on_batch(accs)`` is called with all
+    accuracies so far after each batch. With ``progress``, prints a line with
+    the running mean and ETA about every tenth of the way.
+    """
     mc = meta_test_samples(config)
     batches = data_lib.fixed_episodes(
         images, image_shape(config), config.way, config.shot, config.query,
         num_episodes, seed, config.eval_batch)
-    accs, tic, every = [], time.time(), max(1, num_episodes // 10)
+    skip = len(done) // config.eval_batch
+    accs = [np.asarray(done[:skip * config.eval_batch], np.float64)]
+    tic, every = time.time(), max(1, num_episodes // 10)
     for i, batch in enumerate(batches):
+        if i < skip:
+            continue
         accs.append(learner.eval_step(batch, tf.constant([seed, i], tf.int64), mc).numpy())
-        done = sum(len(a) for a in accs)
-        if progress and (done // every > (done - len(accs[-1])) // every):
-            eta = (time.time() - tic) / done * (num_episodes - done)
-            print(f"  {done}/{num_episodes} episodes, accuracy so far "
+        n = sum(len(a) for a in accs)
+        if on_batch is not None:
+            on_batch(np.concatenate(accs))
+        if progress and (n // every > (n - len(accs[-1])) // every):
+            eta = (time.time() - tic) / (n - len(accs[0])) * (num_episodes - n)
+            print(f"  {n}/{num_episodes} episodes, accuracy so far "
                   f"{100 * np.mean(np.concatenate(accs)):.2f}%, ETA {eta / 60:.1f} min",
                   flush=True)
     return np.concatenate(accs)

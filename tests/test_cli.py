@@ -192,6 +192,29 @@ def test_train_then_evaluate_smoke(tmp_path, data_dir):
     assert results["data"] == SIGNATURE
     assert json.loads((w / "data.json").read_text()) == SIGNATURE
 
+    # The per-episode record: 4 accuracies, multiples of 1/10, whose mean
+    # is the reported accuracy.
+    record = json.loads((w / "test_accuracies.json").read_text())
+    accs = np.array(record["accuracies"])
+    assert accs.shape == (4,)
+    np.testing.assert_allclose(accs * 10, np.round(accs * 10), atol=1e-6)
+    assert 100 * accs.mean() == pytest.approx(results["accuracy"], abs=1e-4)
+    assert results["episodes_resumed"] == 0
+
+    # An evaluation killed after its first batch (eval_batch=2) continues:
+    # the recorded episodes are kept (sentinels here, to prove they are not
+    # recomputed) and the second batch comes out as in the uninterrupted run.
+    record["accuracies"] = [0.0, 1.0]
+    (w / "test_accuracies.json").write_text(json.dumps(record))
+    proc = ok(run("src.evaluate", ["--workdir", str(w), "test_episodes=4"]))
+    assert "continuing from 2 episodes" in proc.stdout
+    resumed = json.loads((w / "results.json").read_text())
+    assert resumed["episodes"] == 4 and resumed["episodes_resumed"] == 2
+    expected = np.concatenate([[0.0, 1.0], accs[2:]])
+    assert resumed["accuracy"] == pytest.approx(100 * expected.mean(), abs=1e-4)
+    np.testing.assert_allclose(
+        json.loads((w / "test_accuracies.json").read_text())["accuracies"], expected)
+
 
 def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):
     """An unknown key=value on the train CLI exits non-zero with a message
