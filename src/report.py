@@ -9,7 +9,9 @@ and prints a markdown table: our accuracy ± 95% interval, test episodes,
 Monte-Carlo samples, iterations trained / configured (a run shorter than the
 official 60,000 meta-iterations is marked as shortened) and the paper's
 number (Table 1; the authors' rerun of their own code in brackets). A
-workdir without results.json gets a "not run" row.
+workdir without results.json gets a "not run" row. Under the table, every
+two runs whose test_accuracies.json hold the same test episodes get a
+paired difference: mean of the per-episode differences ± 95% interval.
 
 ``python -m src.report --is-fresh WORKDIR [key=value ...]`` exits 0 when
 WORKDIR's results.json was made from its latest checkpoint with the test
@@ -19,10 +21,13 @@ Makefile can skip a redundant evaluation), 1 otherwise.
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import re
 import sys
+
+import numpy as np
 
 from src.config import Config, ConfigError, load_config, meta_test_samples
 
@@ -166,10 +171,46 @@ HEAD = ["run", "setting", "model", "ours (accuracy % ± 95% CI)", "test episodes
         "paper Table 1 (authors' rerun)"]
 
 
+# Record-key fields that decide which test episodes a record holds.
+_EPISODE_KEYS = ("dataset", "way", "shot", "query", "test_seed")
+
+
+def _episode_record(workdir):
+    """(episode identity, accuracies [n]) from test_accuracies.json, or None."""
+    try:
+        record = _read_json(os.path.join(workdir, "test_accuracies.json"))
+        config = record["key"]["config"]
+        identity = ({k: config[k] for k in _EPISODE_KEYS}, record["key"]["data"])
+        return identity, np.asarray(record["accuracies"], np.float64)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def paired_lines(workdirs):
+    """One line per two workdirs tested on the same episodes (same dataset,
+    way, shot, query, test seed and data): the second's accuracy minus the
+    first's on their common episodes, mean ± 1.96·std/√n in points."""
+    records = [(w, _episode_record(w)) for w in workdirs]
+    lines = []
+    for (wa, ra), (wb, rb) in itertools.combinations(records, 2):
+        if ra is None or rb is None or ra[0] != rb[0]:
+            continue
+        n = min(len(ra[1]), len(rb[1]))
+        if n < 2:
+            continue
+        diff = 100 * (rb[1][:n] - ra[1][:n])
+        ci = 1.96 * diff.std() / np.sqrt(n)
+        lines.append(f"{wb} minus {wa} on the same {n} test episodes: "
+                     f"{diff.mean():+.2f} ± {ci:.2f} points (paired)")
+    return lines
+
+
 def report(workdirs):
-    """The markdown table of ``workdirs``."""
+    """The markdown table of ``workdirs``, then its paired differences."""
     rows = [HEAD, ["---"] * len(HEAD)] + [row(w) for w in workdirs]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    table = "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    pairs = paired_lines(workdirs)
+    return table + ("\n" + "\n".join(pairs) + "\n" if pairs else "")
 
 
 def latest_checkpoint(workdir):

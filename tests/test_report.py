@@ -1,10 +1,11 @@
-"""Tests of src.report on fake run directories (no TensorFlow, no training)."""
+"""Tests of src.report on fake run directories (no training)."""
 
 import dataclasses
 import json
 import os
 
 from src import report
+from src.evaluate import EpisodeRecord
 from src.config import load_config, save_config
 
 YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yaml")
@@ -109,3 +110,29 @@ def test_is_fresh(tmp_path):
     stale = fake_run(tmp_path / "b", "omniglot_1shot_metadrop", checkpoint="ckpt-70000")
     assert report.main(["--is-fresh", stale]) == 1
     assert report.main(["--is-fresh", str(tmp_path / "nothing")]) == 1
+
+
+def write_record(workdir, accs, **changes):
+    """test_accuracies.json as src.evaluate writes it, for the run's config."""
+    config = dataclasses.replace(load_config(os.path.join(workdir, "config.yaml")),
+                                 **changes)
+    EpisodeRecord(workdir, config, "ckpt-1", {"format_version": 2}).save(accs)
+
+
+def test_paired_difference_on_the_same_episodes(tmp_path):
+    """Two runs with records of the same episodes get one paired line: the
+    mean and 1.96·std/√n of the per-episode differences, over the common
+    prefix; a run tested on other episodes (another test_seed) gets none."""
+    maml = fake_run(tmp_path, "omniglot_1shot_maml")
+    drop = fake_run(tmp_path, "omniglot_1shot_metadrop")
+    other = fake_run(tmp_path, "omniglot_1shot_metasgd")
+    write_record(maml, [0.90, 0.80, 1.00, 0.70, 0.5])
+    write_record(drop, [0.95, 0.90, 1.00, 0.75])  # interrupted: 4 episodes
+    write_record(other, [1.0, 1.0, 1.0, 1.0], test_seed=7)
+    # By hand: differences in points 5, 10, 0, 5; mean 5; population
+    # variance (0 + 25 + 25 + 0) / 4 = 12.5.
+    ci = 1.96 * 12.5 ** 0.5 / 2
+    table = report.report([maml, drop, other])
+    lines = [l for l in table.splitlines() if "(paired)" in l]
+    assert lines == [f"{drop} minus {maml} on the same 4 test episodes: "
+                     f"+5.00 ± {ci:.2f} points (paired)"]
