@@ -87,18 +87,25 @@ def evaluate(config, workdir):
 
     images = data_lib.load_split(os.path.join(config.data_dir, "test.npy"))
     record = EpisodeRecord(workdir, config, manager.latest_checkpoint, data)
-    done = record.load()[:config.test_episodes]
-    if len(done):
-        print(f"continuing from {len(done)} episodes in {record.path}", flush=True)
+    recorded = record.load()
+    # Whole batches only: a batch's noise depends on its size.
+    kept = min(len(recorded), config.test_episodes) // config.eval_batch * config.eval_batch
+    if kept:
+        print(f"continuing from {kept} episodes in {record.path}", flush=True)
+
+    def save(accs):  # never shortens a longer record (e.g. 1000 -> 200)
+        if len(accs) > len(recorded):
+            record.save(accs)
+
     tic = time.time()
     accs = evaluate_episodes(learner, config, images, config.test_episodes,
                              seed=config.test_seed, progress=True,
-                             done=done, on_batch=record.save)
+                             done=recorded[:kept], on_batch=save)
     mean, ci95 = summarize(accs)
     results = {
         "accuracy": round(mean, 4), "ci95": round(ci95, 4),
         "episodes": len(accs),
-        "episodes_resumed": len(done) // config.eval_batch * config.eval_batch,
+        "episodes_resumed": kept,
         "mc_samples": meta_test_samples(config),
         "iterations_trained": int(step),
         "iterations_configured": config.iterations,

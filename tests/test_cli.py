@@ -215,6 +215,12 @@ def test_train_then_evaluate_smoke(tmp_path, data_dir):
     np.testing.assert_allclose(
         json.loads((w / "test_accuracies.json").read_text())["accuracies"], expected)
 
+    # A shorter test is served from the record, which keeps its 4 episodes.
+    ok(run("src.evaluate", ["--workdir", str(w), "test_episodes=2"]))
+    short = json.loads((w / "results.json").read_text())
+    assert short["episodes"] == 2 and short["accuracy"] == pytest.approx(50.0)
+    assert len(json.loads((w / "test_accuracies.json").read_text())["accuracies"]) == 4
+
 
 def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):
     """An unknown key=value on the train CLI exits non-zero with a message
