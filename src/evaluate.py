@@ -24,13 +24,8 @@ import numpy as np
 
 from src import data as data_lib
 from src.config import ConfigError, load_config, meta_test_samples
+from src.report import summarize
 from src.train import build, configure_tensorflow, evaluate_episodes, make_checkpoint
-
-
-def summarize(accs):
-    """Mean accuracy and 95% interval in percent: (mean, 1.96·std/√n)."""
-    accs = np.asarray(accs, dtype=np.float64)
-    return 100 * accs.mean(), 100 * 1.96 * accs.std() / np.sqrt(len(accs))
 
 
 # Keys that cannot change a test accuracy (run length, logging, threads).

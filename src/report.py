@@ -171,6 +171,12 @@ HEAD = ["run", "setting", "model", "ours (accuracy % ± 95% CI)", "test episodes
         "paper Table 1 (authors' rerun)"]
 
 
+def summarize(accs):
+    """Mean accuracy and 95% interval in percent: (mean, 1.96·std/√n)."""
+    accs = np.asarray(accs, dtype=np.float64)
+    return 100 * accs.mean(), 100 * 1.96 * accs.std() / np.sqrt(len(accs))
+
+
 # Record-key fields that decide which test episodes a record holds.
 _EPISODE_KEYS = ("dataset", "way", "shot", "query", "test_seed")
 
@@ -198,10 +204,9 @@ def paired_lines(workdirs):
         n = min(len(ra[1]), len(rb[1]))
         if n < 2:
             continue
-        diff = 100 * (rb[1][:n] - ra[1][:n])
-        ci = 1.96 * diff.std() / np.sqrt(n)
+        mean, ci = summarize(rb[1][:n] - ra[1][:n])
         lines.append(f"{wb} minus {wa} on the same {n} test episodes: "
-                     f"{diff.mean():+.2f} ± {ci:.2f} points (paired)")
+                     f"{mean:+.2f} ± {ci:.2f} points (paired)")
     return lines
 
 

@@ -1,5 +1,6 @@
-"""Unit tests of src.evaluate's pieces that need no TensorFlow run: the
-95% interval and the per-episode record that lets a meta-test resume."""
+"""Unit tests of the pieces of src.evaluate that need no TensorFlow run:
+the 95% interval (src.report.summarize, shared with the paired
+differences) and the per-episode record that lets a meta-test resume."""
 
 import dataclasses
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from src.config import load_config
-from src.evaluate import EpisodeRecord, summarize
+from src.evaluate import EpisodeRecord
+from src.report import summarize
 
 CONFIG = "yaml/omniglot_1shot_metadrop.yaml"
 SIGNATURE = {"dataset": "omniglot", "format_version": 2}
