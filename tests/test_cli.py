@@ -25,7 +25,9 @@ CONFIG = "yaml/omniglot_1shot_metadrop.yaml"
 TINY = ["way=5", "query=2", "inner_steps=1", "meta_batch=2", "ckpt_every=2",
         "log_every=1", "val_every=2", "val_episodes=2", "test_episodes=4",
         "test_mc_samples=2", "eval_batch=2"]
-TIMEOUT = 300
+# A guard against a hung subprocess, not a speed check: these runs take
+# 20-60 s alone, but several times longer on a CPU shared with training.
+TIMEOUT = 900
 
 
 @pytest.fixture(scope="module")

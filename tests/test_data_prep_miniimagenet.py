@@ -138,7 +138,7 @@ def small_dataset(root: Path, counts=None, per_class=4):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data_prep.miniimagenet", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)  # hang guard only
 
 
 # --------------------------------------------------------------------------
