@@ -10,7 +10,8 @@ Monte-Carlo samples, iterations trained / configured (a run shorter than the
 official 60,000 meta-iterations is marked as shortened) and the paper's
 number (Table 1; the authors' rerun of their own code in brackets). A
 workdir without results.json gets a "not run" row. Under the table, every
-two runs whose test_accuracies.json hold the same test episodes get a
+two runs whose evaluations (results.json) have per-episode records
+(test_accuracies.json, ``src.records``) of the same test episodes get a
 paired difference: mean of the per-episode differences ± 95% interval.
 
 ``python -m src.report --is-fresh WORKDIR [key=value ...]`` exits 0 when
@@ -29,6 +30,7 @@ import sys
 
 import numpy as np
 
+from src import records
 from src.config import Config, ConfigError, load_config, meta_test_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,14 +184,19 @@ _EPISODE_KEYS = ("dataset", "way", "shot", "query", "test_seed")
 
 
 def _episode_record(workdir):
-    """(episode identity, accuracies [n]) from test_accuracies.json, or None."""
+    """(episode identity, accuracies [n]) of the evaluation in results.json,
+    from test_accuracies.json; None if either is missing."""
     try:
-        record = _read_json(os.path.join(workdir, "test_accuracies.json"))
-        config = record["key"]["config"]
-        identity = ({k: config[k] for k in _EPISODE_KEYS}, record["key"]["data"])
-        return identity, np.asarray(record["accuracies"], np.float64)
-    except (OSError, ValueError, KeyError, TypeError):
+        results = _read_json(os.path.join(workdir, "results.json"))
+        key = records.record_key(results["config"], results["checkpoint"],
+                                 results.get("data"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    accs = records.load(workdir, key)
+    if not len(accs):
+        return None
+    identity = ({k: key["config"].get(k) for k in _EPISODE_KEYS}, key["data"])
+    return identity, accs
 
 
 def paired_lines(workdirs):

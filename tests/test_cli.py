@@ -196,8 +196,13 @@ def test_train_then_evaluate_smoke(tmp_path, data_dir):
 
     # The per-episode record: 4 accuracies, multiples of 1/10, whose mean
     # is the reported accuracy.
-    record = json.loads((w / "test_accuracies.json").read_text())
-    accs = np.array(record["accuracies"])
+    def recorded():  # {inner_steps: accuracies} of the records in the file
+        content = json.loads((w / "test_accuracies.json").read_text())
+        return {r["key"]["config"]["inner_steps"]: r["accuracies"]
+                for r in content["records"]}
+
+    assert list(recorded()) == [1]
+    accs = np.array(recorded()[1])
     assert accs.shape == (4,)
     np.testing.assert_allclose(accs * 10, np.round(accs * 10), atol=1e-6)
     assert 100 * accs.mean() == pytest.approx(results["accuracy"], abs=1e-4)
@@ -206,22 +211,33 @@ def test_train_then_evaluate_smoke(tmp_path, data_dir):
     # An evaluation killed after its first batch (eval_batch=2) continues:
     # the recorded episodes are kept (sentinels here, to prove they are not
     # recomputed) and the second batch comes out as in the uninterrupted run.
-    record["accuracies"] = [0.0, 1.0]
-    (w / "test_accuracies.json").write_text(json.dumps(record))
+    content = json.loads((w / "test_accuracies.json").read_text())
+    content["records"][0]["accuracies"] = [0.0, 1.0]
+    (w / "test_accuracies.json").write_text(json.dumps(content))
     proc = ok(run("src.evaluate", ["--workdir", str(w), "test_episodes=4"]))
     assert "continuing from 2 episodes" in proc.stdout
     resumed = json.loads((w / "results.json").read_text())
     assert resumed["episodes"] == 4 and resumed["episodes_resumed"] == 2
     expected = np.concatenate([[0.0, 1.0], accs[2:]])
     assert resumed["accuracy"] == pytest.approx(100 * expected.mean(), abs=1e-4)
-    np.testing.assert_allclose(
-        json.loads((w / "test_accuracies.json").read_text())["accuracies"], expected)
+    np.testing.assert_allclose(recorded()[1], expected)
 
     # A shorter test is served from the record, which keeps its 4 episodes.
     ok(run("src.evaluate", ["--workdir", str(w), "test_episodes=2"]))
     short = json.loads((w / "results.json").read_text())
     assert short["episodes"] == 2 and short["accuracy"] == pytest.approx(50.0)
-    assert len(json.loads((w / "test_accuracies.json").read_text())["accuracies"]) == 4
+    assert len(recorded()[1]) == 4
+
+    # A variant (a model key overridden at test) writes its own results
+    # file and record, and leaves the run's own untouched.
+    proc = ok(run("src.evaluate", ["--workdir", str(w), "test_episodes=2", "inner_steps=2"]))
+    assert "results.inner_steps=2.json" in proc.stdout
+    variant = json.loads((w / "results.inner_steps=2.json").read_text())
+    assert variant["variant"] == "inner_steps=2" and variant["episodes"] == 2
+    assert variant["config"]["inner_steps"] == 2 and variant["episodes_resumed"] == 0
+    assert json.loads((w / "results.json").read_text()) == short
+    assert sorted(recorded()) == [1, 2] and len(recorded()[2]) == 2
+    np.testing.assert_allclose(recorded()[1], expected)
 
 
 def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):

@@ -5,7 +5,7 @@ import json
 import os
 
 from src import report
-from src.evaluate import EpisodeRecord
+from src import records
 from src.config import load_config, save_config
 
 YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yaml")
@@ -113,10 +113,16 @@ def test_is_fresh(tmp_path):
 
 
 def write_record(workdir, accs, **changes):
-    """test_accuracies.json as src.evaluate writes it, for the run's config."""
-    config = dataclasses.replace(load_config(os.path.join(workdir, "config.yaml")),
-                                 **changes)
-    EpisodeRecord(workdir, config, "ckpt-1", {"format_version": 2}).save(accs)
+    """results.json and test_accuracies.json as src.evaluate leaves them
+    after a test with the config ``changes`` (e.g. test_seed=7)."""
+    path = os.path.join(workdir, "results.json")
+    results = json.loads(open(path).read())
+    results["config"].update(changes)
+    results["data"] = {"format_version": 2}
+    with open(path, "w") as f:
+        json.dump(results, f)
+    key = records.record_key(results["config"], results["checkpoint"], results["data"])
+    records.save(workdir, key, accs)
 
 
 def test_paired_difference_on_the_same_episodes(tmp_path):
@@ -129,6 +135,12 @@ def test_paired_difference_on_the_same_episodes(tmp_path):
     write_record(maml, [0.90, 0.80, 1.00, 0.70, 0.5])
     write_record(drop, [0.95, 0.90, 1.00, 0.75])  # interrupted: 4 episodes
     write_record(other, [1.0, 1.0, 1.0, 1.0], test_seed=7)
+    # A variant's record beside MAML's own (as `src.evaluate inner_steps=10`
+    # leaves it) is not the one paired.
+    results = json.loads(open(os.path.join(maml, "results.json")).read())
+    records.save(maml, records.record_key({**results["config"], "inner_steps": 10},
+                                          results["checkpoint"], results["data"]),
+                 [0.0] * 5)
     # By hand: differences in points 5, 10, 0, 5; mean 5; population
     # variance (0 + 25 + 25 + 0) / 4 = 12.5.
     ci = 1.96 * 12.5 ** 0.5 / 2
