@@ -49,6 +49,9 @@ def evaluate(config, workdir):
 
     images = data_lib.load_split(os.path.join(config.data_dir, "test.npy"))
     config_dict = dataclasses.asdict(config)
+    run_config = dataclasses.asdict(load_config(os.path.join(workdir, "config.yaml")))
+    variant = records.variant_name(run_config, config_dict)
+    path = os.path.join(workdir, f"results.{variant}.json" if variant else "results.json")
     key = records.record_key(config_dict, manager.latest_checkpoint, data)
     recorded = records.load(workdir, key)
     # Whole batches only: a batch's noise depends on its size.
@@ -79,11 +82,8 @@ def evaluate(config, workdir):
         "config": config_dict,
         "data": data,
     }
-    run_config = dataclasses.asdict(load_config(os.path.join(workdir, "config.yaml")))
-    variant = records.variant_name(run_config, config_dict)
     if variant:
         results["variant"] = variant
-    path = os.path.join(workdir, f"results.{variant}.json" if variant else "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"{workdir}{f' ({variant})' if variant else ''}: {mean:.2f} ± {ci95:.2f}% "

@@ -57,16 +57,16 @@ def _read_all(path):
         return []
     if not isinstance(content, dict):
         return []
-    if "key" in content:
-        return [content]
-    records = content.get("records")
-    return records if isinstance(records, list) else []
+    records = [content] if "key" in content else content.get("records")
+    if not isinstance(records, list):
+        return []
+    return [r for r in records if isinstance(r, dict)]
 
 
 def load(workdir, key):
     """Accuracies [n] recorded in ``workdir`` under ``key`` (empty if none)."""
     for record in _read_all(os.path.join(workdir, FILENAME)):
-        if isinstance(record, dict) and record.get("key") == key:
+        if record.get("key") == key:
             return np.asarray(record.get("accuracies", []), np.float64)
     return np.zeros(0)
 
@@ -75,8 +75,7 @@ def save(workdir, key, accs):
     """Writes ``accs`` [n] under ``key``, keeping the other keys' records;
     atomically (a kill never leaves half a file)."""
     path = os.path.join(workdir, FILENAME)
-    others = [r for r in _read_all(path)
-              if isinstance(r, dict) and r.get("key") != key]
+    others = [r for r in _read_all(path) if r.get("key") != key]
     records = others + [{"key": key, "accuracies": [float(a) for a in accs]}]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
