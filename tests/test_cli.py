@@ -8,7 +8,6 @@ second-order step (~10-25 s on 2 cores); the whole file takes ~2-3 minutes.
 """
 
 import json
-import os
 import re
 import signal
 import subprocess

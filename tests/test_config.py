@@ -4,7 +4,6 @@ files against the official run settings of DESIGN.md."""
 
 import dataclasses
 import glob
-import os
 from pathlib import Path
 
 import pytest
