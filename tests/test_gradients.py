@@ -25,21 +25,23 @@ WAY, QUERY = 2, 2
 SEED = tf.constant([7, 11], tf.int64)
 
 
-def episode(dtype, tasks=1, seed=0):
-    """A tiny meta-batch of random 28x28 'images' with class-ordered labels."""
+def episode(dtype, tasks=1, seed=0, way=WAY, query=QUERY):
+    """A meta-batch of random 28x28 'images' (1-shot, tiny by default) with
+    class-ordered labels."""
     rng = np.random.default_rng(seed)
     def images(n):
         return tf.constant(rng.random((tasks, n, 28, 28, 1)), dtype)
-    labels = lambda k: tf.constant(np.tile(np.repeat(np.arange(WAY), k), (tasks, 1)), tf.int32)
-    return {"support_x": images(WAY), "support_y": labels(1),
-            "query_x": images(WAY * QUERY), "query_y": labels(QUERY)}
+    labels = lambda k: tf.constant(np.tile(np.repeat(np.arange(way), k), (tasks, 1)), tf.int32)
+    return {"support_x": images(way), "support_y": labels(1),
+            "query_x": images(way * query), "query_y": labels(query)}
 
 
 def make(dtype="float64", smooth=True, noise="meta_dropout", first_order=False,
-         fused_bn=False, meta_sgd=False, inner_lr=0.4, seed=3):
-    model = ConvNet("omniglot", WAY, noise=noise, smooth=smooth,
+         fused_bn=False, meta_sgd=False, inner_lr=0.4, seed=3, way=WAY,
+         inner_steps=2):
+    model = ConvNet("omniglot", way, noise=noise, smooth=smooth,
                     fused_bn=fused_bn, seed=seed, dtype=dtype)
-    learner = MetaLearner(model, inner_lr=inner_lr, inner_steps=2, meta_lr=1e-3,
+    learner = MetaLearner(model, inner_lr=inner_lr, inner_steps=inner_steps, meta_lr=1e-3,
                           first_order=first_order, meta_sgd=meta_sgd)
     return model, learner
 
@@ -191,29 +193,15 @@ def test_fused_batch_norm_meta_gradient_at_real_shapes():
     pooling choices flip) that float32 and float64 meta-gradients differ by
     their own size whatever the batch norm (measured: explicit float32 ops
     as far off as the fused kernel)."""
-    way, query = 20, 15
-    rng = np.random.default_rng(3)
-    images = {"support_x": rng.random((1, way, 28, 28, 1)),
-              "query_x": rng.random((1, way * query, 28, 28, 1))}
-    labels = {"support_y": np.arange(way)[None],
-              "query_y": np.repeat(np.arange(way), query)[None]}
-    weights = None
-
     def grads(dtype, fused, first_order=False):
-        nonlocal weights
-        model = ConvNet("omniglot", way, noise="none", smooth=True, fused_bn=fused,
-                        seed=5, dtype=dtype)
-        learner = MetaLearner(model, inner_lr=0.1, inner_steps=5, meta_lr=1e-3,
-                              first_order=first_order)
-        if weights is None:
-            weights = [v.numpy() for v in learner.variables_list]
-        for v, w in zip(learner.variables_list, weights):
-            v.assign(tf.cast(w, v.dtype))
-        batch = {**{k: tf.constant(v, dtype) for k, v in images.items()},
-                 **{k: tf.constant(v, tf.int32) for k, v in labels.items()}}
-        return {v.name: g.numpy().astype(np.float64) for v, g in
-                zip(learner.variables_list, learner.meta_gradients(batch, SEED)[2])}
+        _, learner = make(dtype, noise="none", fused_bn=fused, first_order=first_order,
+                          inner_lr=0.1, seed=5, way=20, inner_steps=5)
+        for v, ref_v in zip(learner.variables_list, ref_learner.variables_list):
+            v.assign(tf.cast(ref_v, v.dtype))
+        g = gradient(learner, episode(dtype, seed=3, way=20, query=15))
+        return {name: x.numpy().astype(np.float64) for name, x in g.items()}
 
+    _, ref_learner = make(noise="none", seed=5, way=20, inner_steps=5)
     ref, first = grads("float64", False), grads("float64", False, first_order=True)
     fused = grads("float32", True)
     for name in ref:
