@@ -32,7 +32,7 @@ def dense_init(seed):
     return tf.keras.initializers.RandomNormal(stddev=0.02, seed=seed)
 
 
-def batch_norm(x, offset, groups=1, fused=True):
+def batch_norm(x, offset, groups=1, fused=True, second_order=True):
     """Transductive batch norm (batch statistics, centre only, no scale).
 
     Args:
@@ -46,9 +46,18 @@ def batch_norm(x, offset, groups=1, fused=True):
         mean and variance are written out so that both derivatives flow
         through them (``tf.nn.moments`` stops the gradient of the mean inside
         the variance, which breaks second-order MAML).
+      second_order: False makes this layer's backward pass a constant to any
+        gradient taken of it (its first derivative is unchanged).  That is
+        the meta-gradient the authors' TensorFlow 1 code computed: there the
+        inner loop ran inside ``tf.map_fn``, and inside a v1 while loop the
+        gradient of ``FusedBatchNormGrad`` comes out as None, so every
+        second-order term through batch norm's backward pass was dropped.
     Returns:
       [G*N, H, W, C], normalised and shifted by ``offset``.
     """
+    if not second_order:
+        return _constant_backward(
+            lambda x_, o_: batch_norm(x_, o_, groups, fused), x, offset)
     if fused and groups == 1 and x.dtype == tf.float32:
         scale = tf.ones_like(offset)
         y, _, _ = tf.compat.v1.nn.fused_batch_norm(
@@ -64,6 +73,25 @@ def batch_norm(x, offset, groups=1, fused=True):
     var = tf.reduce_mean(tf.square(centred), axis=[1, 2, 3], keepdims=True)
     y = centred * tf.math.rsqrt(var + BN_EPSILON) + offset
     return tf.reshape(y, shape)
+
+
+def _constant_backward(fn, x, offset):
+    """fn(x, offset) with its usual gradient, but that gradient's own
+    gradient (w.r.t. x, offset and the incoming dy) is zero."""
+
+    @tf.custom_gradient
+    def layer(x, offset):
+        def grad(dy):
+            xs, os_ = tf.stop_gradient(x), tf.stop_gradient(offset)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([xs, os_])
+                ys = fn(xs, os_)
+            dx, doffset = tape.gradient(ys, [xs, os_],
+                                        output_gradients=tf.stop_gradient(dy))
+            return tf.stop_gradient(dx), tf.stop_gradient(doffset)
+        return fn(x, offset), grad
+
+    return layer(x, offset)
 
 
 def linear_maps(h, maps, op):
@@ -118,12 +146,13 @@ class ConvBlock(_ParamLayer):
     """
 
     def __init__(self, channels, noise="none", smooth=False, fused_bn=True,
-                 seed=0, **kwargs):
+                 bn_second_order=True, seed=0, **kwargs):
         super().__init__(seed=seed, **kwargs)
         self.channels = channels
         self.noise = noise_lib.make_block_noise(noise)
         self.smooth = smooth
         self.fused_bn = fused_bn
+        self.bn_second_order = bn_second_order
 
     def build(self, input_shape):
         cin = int(input_shape[-1])
@@ -152,7 +181,8 @@ class ConvBlock(_ParamLayer):
         mu, *maps = linear_maps(
             h, [(p["kernel"], p["bias"])] + self.noise.input_maps(p), conv3x3)
         x = self.noise(h, mu, maps, p, sample=sample, seed=seed, taps=taps)
-        x = batch_norm(x, p["offset"], groups=groups, fused=self.fused_bn)
+        x = batch_norm(x, p["offset"], groups=groups, fused=self.fused_bn,
+                       second_order=self.bn_second_order)
         if self.smooth:
             x = tf.nn.softplus(x)
             return tf.nn.avg_pool2d(x, 2, 2, "VALID")

@@ -25,17 +25,21 @@ class ConvNet(tf.keras.Model):
         'meta_dropout'); see ``src.noise``.
       smooth: softplus / average-pool variant (for finite-difference tests).
       fused_bn: use the fused batch-norm kernel where possible.
+      bn_second_order: False drops the second-order terms through batch
+        norm's backward pass, as the authors' TF1 code did (see
+        ``layers.batch_norm``).
       seed: initialisation seed; every weight gets its own draw.
       dtype: 'float32', or 'float64' for numerical tests.
     """
 
     def __init__(self, dataset, way, noise="none", smooth=False, fused_bn=True,
-                 seed=0, dtype="float32"):
+                 bn_second_order=True, seed=0, dtype="float32"):
         super().__init__(name="convnet", dtype=dtype)
         self.input_shape_hwc, channels = DATASETS[dataset]
         self.blocks = [
             ConvBlock(channels, noise=noise, smooth=smooth, fused_bn=fused_bn,
-                      seed=seed * 10 + i, name=f"block{i + 1}", dtype=dtype)
+                      bn_second_order=bn_second_order, seed=seed * 10 + i,
+                      name=f"block{i + 1}", dtype=dtype)
             for i in range(NUM_BLOCKS)]
         self.head = DenseHead(way, noise=noise, seed=seed * 10 + NUM_BLOCKS,
                               name="head", dtype=dtype)

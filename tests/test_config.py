@@ -39,7 +39,8 @@ def test_defaults_are_the_official_omniglot_1shot_metadrop_settings():
                     inner_lr=0.1, meta_batch=4, iterations=60000, clip=3.0,
                     noise="meta_dropout", learner="maml", first_order=False,
                     mc_samples=1, test_mc_samples=30, test_episodes=1000,
-                    shared_classes=True, deterministic_ops=False)
+                    shared_classes=True, deterministic_ops=False,
+                    bn_second_order=True)
     for key, value in expected.items():
         assert getattr(c, key) == value, key
         assert type(getattr(c, key)) is type(value), key
