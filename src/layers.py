@@ -55,6 +55,8 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True):
     Returns:
       [G*N, H, W, C], normalised and shifted by ``offset``.
     """
+    if not second_order and fused and groups == 1 and x.dtype == tf.float32:
+        return _fused_constant_backward(x, offset)
     if not second_order:
         return _constant_backward(
             lambda x_, o_: batch_norm(x_, o_, groups, fused), x, offset)
@@ -90,6 +92,32 @@ def _constant_backward(fn, x, offset):
                                         output_gradients=tf.stop_gradient(dy))
             return tf.stop_gradient(dx), tf.stop_gradient(doffset)
         return fn(x, offset), grad
+
+    return layer(x, offset)
+
+
+def _fused_constant_backward(x, offset):
+    """The fused batch norm with a constant backward pass, as
+    ``_constant_backward`` but calling the fused backward kernel on the
+    forward's saved statistics instead of running the forward again."""
+
+    @tf.custom_gradient
+    def layer(x, offset):
+        scale = tf.ones_like(offset)
+        empty = tf.constant([], x.dtype)
+        y, _, _, saved_mean, saved_var, saved = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+            epsilon=BN_EPSILON, is_training=True)
+
+        def grad(dy):
+            dx, _, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=tf.stop_gradient(dy), x=tf.stop_gradient(x),
+                scale=scale, reserve_space_1=tf.stop_gradient(saved_mean),
+                reserve_space_2=tf.stop_gradient(saved_var),
+                reserve_space_3=tf.stop_gradient(saved), epsilon=BN_EPSILON,
+                is_training=True)
+            return tf.stop_gradient(dx), tf.stop_gradient(doffset)
+        return y, grad
 
     return layer(x, offset)
 

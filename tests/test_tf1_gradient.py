@@ -9,7 +9,8 @@ mode); these tests check that
 
 * its ``tf.map_fn`` gradient differs from the same graph unrolled in Python,
   which in turn matches our default (full second-order) meta-gradient;
-* our ``bn_second_order=False`` matches the ``tf.map_fn`` gradient;
+* our ``bn_second_order=False`` matches the ``tf.map_fn`` gradient, with the
+  fused batch-norm kernel and with explicit ops;
 * dropping those terms leaves the first derivative of the network alone.
 """
 
@@ -38,9 +39,9 @@ def episode(seed=0):
             "query_x": images(WAY * QUERY), "query_y": labels(QUERY)}
 
 
-def our_gradient(batch, bn_second_order, weights=None):
-    """(variable names, {name: meta-gradient}) of MAML, float32, fused BN."""
-    model = ConvNet("omniglot", WAY, noise="none", seed=4,
+def our_gradient(batch, bn_second_order, weights=None, fused_bn=True):
+    """({name: value}, {name: meta-gradient}) of MAML in float32."""
+    model = ConvNet("omniglot", WAY, noise="none", seed=4, fused_bn=fused_bn,
                     bn_second_order=bn_second_order)
     learner = MetaLearner(model, inner_lr=INNER_LR, inner_steps=STEPS, meta_lr=1e-3)
     if weights is not None:
@@ -64,6 +65,8 @@ def gradients(tmp_path_factory):
     batch = episode()
     weights, full = our_gradient(batch, bn_second_order=True)
     _, cut = our_gradient(batch, bn_second_order=False, weights=weights)
+    _, cut_explicit = our_gradient(batch, bn_second_order=False,
+                                   weights=weights, fused_bn=False)
     tmp = tmp_path_factory.mktemp("tf1")
     path_in, path_out = str(tmp / "in.npz"), str(tmp / "out.npz")
     np.savez(path_in, way=WAY, inner_steps=STEPS, inner_lr=INNER_LR, **batch,
@@ -72,7 +75,8 @@ def gradients(tmp_path_factory):
                     path_in, path_out], check=True, cwd=ROOT)
     ref = np.load(path_out)
     pick = lambda kind: {k: ref[f"{kind}:{k}"] for k in weights}
-    return {"full": full, "cut": cut, "map_fn": pick("map_fn"),
+    return {"full": full, "cut": cut, "cut_explicit": cut_explicit,
+            "map_fn": pick("map_fn"),
             "unrolled": pick("unrolled")}
 
 
@@ -85,6 +89,11 @@ def test_map_fn_drops_terms_that_bn_second_order_false_drops(gradients):
     assert relative(gradients["map_fn"], gradients["unrolled"]) > 0.3
     # ... but it is ours without the terms through batch norm's backward pass.
     assert relative(gradients["cut"], gradients["map_fn"]) < 1e-4
+
+
+def test_explicit_batch_norm_drops_the_same_terms(gradients):
+    """The non-fused path (float64, or several noise samples per pass)."""
+    assert relative(gradients["cut_explicit"], gradients["map_fn"]) < 1e-4
 
 
 def test_first_derivative_is_unchanged():
