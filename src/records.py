@@ -18,10 +18,13 @@ import numpy as np
 FILENAME = "test_accuracies.json"
 
 # Config keys that cannot change a test accuracy (run length, logging,
-# threads, where the data lives).
+# threads, where the data lives; bn_second_order shapes only the
+# meta-gradient, and leaving it out keeps the records written before it
+# existed valid).
 NOT_IN_KEY = ("iterations", "log_every", "ckpt_every", "val_every",
               "val_episodes", "test_episodes", "data_dir",
-              "intra_op_threads", "inter_op_threads", "parallel_tasks")
+              "intra_op_threads", "inter_op_threads", "parallel_tasks",
+              "bn_second_order")
 
 # Keys of the test protocol: they choose which episodes are drawn and how
 # they are scored, not what model is tested.  Overriding any other key at
