@@ -38,9 +38,10 @@ def episode(dtype, tasks=1, seed=0, way=WAY, query=QUERY):
 
 def make(dtype="float64", smooth=True, noise="meta_dropout", first_order=False,
          fused_bn=False, meta_sgd=False, inner_lr=0.4, seed=3, way=WAY,
-         inner_steps=2):
+         inner_steps=2, bn_second_order=True):
     model = ConvNet("omniglot", way, noise=noise, smooth=smooth,
-                    fused_bn=fused_bn, seed=seed, dtype=dtype)
+                    fused_bn=fused_bn, bn_second_order=bn_second_order,
+                    seed=seed, dtype=dtype)
     learner = MetaLearner(model, inner_lr=inner_lr, inner_steps=inner_steps, meta_lr=1e-3,
                           first_order=first_order, meta_sgd=meta_sgd)
     return model, learner

@@ -22,35 +22,25 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.meta_learner import MetaLearner, cross_entropy
+from src.meta_learner import cross_entropy
 from src.model import ConvNet
+from tests.test_gradients import episode, gradient, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAY, QUERY, TASKS, STEPS, INNER_LR = 5, 3, 2, 2, 0.1
-SEED = tf.constant([0, 0], tf.int64)
-
-
-def episode(seed=0):
-    """Two 5-way 1-shot tasks of random binary 28x28 'images'."""
-    rng = np.random.default_rng(seed)
-    images = lambda n: (rng.random((TASKS, n, 28, 28, 1)) < 0.2).astype(np.float32)
-    labels = lambda k: np.tile(np.repeat(np.arange(WAY), k), (TASKS, 1)).astype(np.int32)
-    return {"support_x": images(WAY), "support_y": labels(1),
-            "query_x": images(WAY * QUERY), "query_y": labels(QUERY)}
 
 
 def our_gradient(batch, bn_second_order, weights=None, fused_bn=True):
     """({name: value}, {name: meta-gradient}) of MAML in float32."""
-    model = ConvNet("omniglot", WAY, noise="none", seed=4, fused_bn=fused_bn,
-                    bn_second_order=bn_second_order)
-    learner = MetaLearner(model, inner_lr=INNER_LR, inner_steps=STEPS, meta_lr=1e-3)
+    _, learner = make("float32", smooth=False, noise="none", fused_bn=fused_bn,
+                      inner_lr=INNER_LR, seed=4, way=WAY, inner_steps=STEPS,
+                      bn_second_order=bn_second_order)
     if weights is not None:
         for v in learner.variables_list:
             v.assign(weights[v.name])
-    _, _, grads = learner.meta_gradients(
-        {k: tf.constant(v) for k, v in batch.items()}, SEED)
+    grads = gradient(learner, batch)
     return ({v.name: v.numpy() for v in learner.variables_list},
-            {v.name: g.numpy() for v, g in zip(learner.variables_list, grads)})
+            {k: g.numpy() for k, g in grads.items()})
 
 
 def relative(a, b):
@@ -62,14 +52,15 @@ def relative(a, b):
 
 @pytest.fixture(scope="module")
 def gradients(tmp_path_factory):
-    batch = episode()
+    batch = episode(tf.float32, tasks=TASKS, way=WAY, query=QUERY)
     weights, full = our_gradient(batch, bn_second_order=True)
     _, cut = our_gradient(batch, bn_second_order=False, weights=weights)
     _, cut_explicit = our_gradient(batch, bn_second_order=False,
                                    weights=weights, fused_bn=False)
     tmp = tmp_path_factory.mktemp("tf1")
     path_in, path_out = str(tmp / "in.npz"), str(tmp / "out.npz")
-    np.savez(path_in, way=WAY, inner_steps=STEPS, inner_lr=INNER_LR, **batch,
+    np.savez(path_in, way=WAY, inner_steps=STEPS, inner_lr=INNER_LR,
+             **{k: v.numpy() for k, v in batch.items()},
              **{"w:" + k: v for k, v in weights.items()})
     subprocess.run([sys.executable, os.path.join(ROOT, "tests", "tf1_reference.py"),
                     path_in, path_out], check=True, cwd=ROOT)
@@ -97,9 +88,8 @@ def test_explicit_batch_norm_drops_the_same_terms(gradients):
 
 
 def test_first_derivative_is_unchanged():
-    batch = episode(seed=1)
-    x = tf.constant(batch["query_x"][0])
-    y = tf.constant(batch["query_y"][0])
+    batch = episode(tf.float32, seed=1, way=WAY, query=QUERY)
+    x, y = batch["query_x"][0], batch["query_y"][0]
     grads = []
     for second_order in (True, False):
         model = ConvNet("omniglot", WAY, noise="none", seed=4,
