@@ -523,6 +523,37 @@ def test_batch_norm_float64_explicit_exact():
     np.testing.assert_allclose(out.numpy(), bn_reference(x, offset), atol=1e-10)
 
 
+def _bn_double_backward(x, dy, g, g_offset, offset, fused):
+    """Gradients (w.r.t. x, dy) of <g, dx> + <g_offset, d offset>, where dx,
+    d offset is the batch norm's backward pass for the output gradient dy."""
+    with tf.GradientTape() as outer:
+        outer.watch([x, dy])
+        with tf.GradientTape() as inner:
+            inner.watch([x, offset])
+            y = batch_norm(x, offset, fused=fused)
+        dx, doffset = inner.gradient(y, [x, offset], output_gradients=dy)
+    return [dx, doffset] + outer.gradient([dx, doffset], [x, dy],
+                                          output_gradients=[g, g_offset])
+
+
+@pytest.mark.parametrize("shape", [(20, 14, 14, 16), (300, 3, 3, 16), (20, 1, 1, 16)])
+def test_fused_batch_norm_second_derivative_matches_explicit_float64(shape):
+    """The fused path's closed-form gradient of the backward pass (float32)
+    equals autodiff through the explicit ops in float64, to float32
+    rounding: this is the term second-order MAML needs from batch norm."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=shape) * rng.uniform(0.1, 3.0, size=shape[-1]) + rng.uniform(-2, 2, size=shape[-1])
+    dy, g = rng.normal(size=shape), rng.normal(size=shape)
+    g_offset, offset = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+    args = lambda dtype: [tf.constant(a, dtype) for a in (x, dy, g, g_offset, offset)]
+    ref = _bn_double_backward(*args(tf.float64), fused=False)
+    out = _bn_double_backward(*args(tf.float32), fused=True)
+    for name, o, r in zip(["dx", "d offset", "d x", "d dy"], out, ref):
+        r = r.numpy()
+        err = np.linalg.norm(o.numpy().astype(np.float64) - r)
+        assert err < 1e-5 * np.linalg.norm(r), name
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_batch_norm_groups_equal_separate_calls(fused):
     """groups=G on G stacked batches equals G separate batch-norm calls (the
