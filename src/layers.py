@@ -44,8 +44,9 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True):
       fused: use TensorFlow's fused kernels (float32, groups == 1), with the
         second derivative in closed form (``_batch_norm_backward_grad``),
         which is faster; otherwise the mean and variance are written out so
-        that both derivatives flow through them (``tf.nn.moments`` stops the gradient of the mean inside
-        the variance, which breaks second-order MAML).
+        that both derivatives flow through them (``tf.nn.moments`` stops the
+        gradient of the mean inside the variance, which breaks second-order
+        MAML).
       second_order: False makes this layer's backward pass a constant to any
         gradient taken of it (its first derivative is unchanged).  That is
         the meta-gradient the authors' TensorFlow 1 code computed: there the
@@ -106,30 +107,24 @@ def _fused_batch_norm(x, offset, second_order):
             x=x, scale=scale, offset=offset, mean=empty, variance=empty,
             epsilon=BN_EPSILON, is_training=True)
 
+        @tf.custom_gradient
         def backward(dy, x):
             dx, _, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy, x=x, scale=scale, reserve_space_1=saved_mean,
                 reserve_space_2=saved_var, reserve_space_3=saved,
                 epsilon=BN_EPSILON, is_training=True)
-            return dx, doffset
+
+            def backward_grad(g_dx, g_doffset):
+                return _batch_norm_backward_grad(dy, x, g_dx, g_doffset)
+            return (dx, doffset), backward_grad
 
         def grad(dy):
             if not second_order:
                 return [tf.stop_gradient(t) for t in backward(dy, x)]
-            return _with_gradient(backward, _batch_norm_backward_grad)(dy, x)
+            return backward(dy, x)
         return y, grad
 
     return layer(x, offset)
-
-
-def _with_gradient(fn, grad_fn):
-    """fn(dy, x) -> (dx, doffset), with gradient grad_fn(dy, x, g_dx, g_doffset)."""
-    @tf.custom_gradient
-    def wrapped(dy, x):
-        def grad(g_dx, g_doffset):
-            return grad_fn(dy, x, g_dx, g_doffset)
-        return fn(dy, x), grad
-    return wrapped
 
 
 def _batch_norm_backward_grad(dy, x, g, g_offset):
@@ -151,6 +146,9 @@ def _batch_norm_backward_grad(dy, x, g, g_offset):
     less memory).
     """
     axes = [0, 1, 2]
+    # Recomputed rather than read from the forward's reserve spaces, whose
+    # meaning depends on the device (the variance on CPU, its inverse square
+    # root under cuDNN).
     c = x - tf.reduce_mean(x, axes)
     r = tf.math.rsqrt(tf.reduce_mean(tf.square(c), axes) + BN_EPSILON)
     m = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
