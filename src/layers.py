@@ -41,9 +41,9 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True):
         normalised with its own statistics, as if run separately.
       offset: [C] the β of this block.
       groups: number of stacked passes G.
-      fused: use TensorFlow's fused kernels (float32, groups == 1), with the
-        second derivative in closed form (``_batch_norm_backward_grad``),
-        which is faster; otherwise the mean and variance are written out so
+      fused: use TensorFlow's fused kernels (float32; stacked passes are
+        moved into the channel axis), with the second derivative in closed
+        form (``_batch_norm_backward_grad``), which is faster; otherwise the mean and variance are written out so
         that both derivatives flow through them (``tf.nn.moments`` stops the
         gradient of the mean inside the variance, which breaks second-order
         MAML).
@@ -56,8 +56,10 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True):
     Returns:
       [G*N, H, W, C], normalised and shifted by ``offset``.
     """
-    if fused and groups == 1 and x.dtype == tf.float32:
-        return _fused_batch_norm(x, offset, second_order)
+    if fused and x.dtype == tf.float32:
+        if groups == 1:
+            return _fused_batch_norm(x, offset, second_order)
+        return _grouped_fused_batch_norm(x, offset, groups, second_order)
     if not second_order:
         return _constant_backward(
             lambda x_, o_: batch_norm(x_, o_, groups, fused), x, offset)
@@ -125,6 +127,19 @@ def _fused_batch_norm(x, offset, second_order):
         return y, grad
 
     return layer(x, offset)
+
+
+def _grouped_fused_batch_norm(x, offset, groups, second_order):
+    """``_fused_batch_norm`` with one set of statistics per stacked pass: the
+    G passes move into the channel axis ([G*N, H, W, C] -> [N, H, W, G*C]),
+    where the kernel's per-channel statistics are per pass and channel."""
+    shape = tf.shape(x)
+    h, w, c = shape[1], shape[2], shape[3]
+    per_pass = tf.reshape(x, [groups, -1, h, w, c])
+    wide = tf.reshape(tf.transpose(per_pass, [1, 2, 3, 0, 4]), [-1, h, w, groups * c])
+    y = _fused_batch_norm(wide, tf.tile(offset, [groups]), second_order)
+    y = tf.transpose(tf.reshape(y, [-1, h, w, groups, c]), [3, 0, 1, 2, 4])
+    return tf.reshape(y, shape)
 
 
 def _batch_norm_backward_grad(dy, x, g, g_offset):

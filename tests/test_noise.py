@@ -523,31 +523,34 @@ def test_batch_norm_float64_explicit_exact():
     np.testing.assert_allclose(out.numpy(), bn_reference(x, offset), atol=1e-10)
 
 
-def _bn_double_backward(x, dy, g, g_offset, offset, fused):
+def _bn_double_backward(x, dy, g, g_offset, offset, fused, groups=1):
     """Gradients (w.r.t. x, dy) of <g, dx> + <g_offset, d offset>, where dx,
     d offset is the batch norm's backward pass for the output gradient dy."""
     with tf.GradientTape() as outer:
         outer.watch([x, dy])
         with tf.GradientTape() as inner:
             inner.watch([x, offset])
-            y = batch_norm(x, offset, fused=fused)
+            y = batch_norm(x, offset, groups=groups, fused=fused)
         dx, doffset = inner.gradient(y, [x, offset], output_gradients=dy)
     return [dx, doffset] + outer.gradient([dx, doffset], [x, dy],
                                           output_gradients=[g, g_offset])
 
 
-@pytest.mark.parametrize("shape", [(20, 14, 14, 16), (300, 3, 3, 16), (20, 1, 1, 16)])
-def test_fused_batch_norm_second_derivative_matches_explicit_float64(shape):
+@pytest.mark.parametrize("shape,groups", [((20, 14, 14, 16), 1), ((300, 3, 3, 16), 1),
+                                          ((20, 1, 1, 16), 1), ((3 * 10, 7, 7, 16), 3)])
+def test_fused_batch_norm_second_derivative_matches_explicit_float64(shape, groups):
     """The fused path's closed-form gradient of the backward pass (float32)
     equals autodiff through the explicit ops in float64, to float32
-    rounding: this is the term second-order MAML needs from batch norm."""
+    rounding: this is the term second-order MAML needs from batch norm.
+    With groups > 1 (stacked Monte-Carlo passes) the fused path moves the
+    passes into the channel axis; the reference normalises each pass alone."""
     rng = np.random.default_rng(8)
     x = rng.normal(size=shape) * rng.uniform(0.1, 3.0, size=shape[-1]) + rng.uniform(-2, 2, size=shape[-1])
     dy, g = rng.normal(size=shape), rng.normal(size=shape)
     g_offset, offset = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
     args = lambda dtype: [tf.constant(a, dtype) for a in (x, dy, g, g_offset, offset)]
-    ref = _bn_double_backward(*args(tf.float64), fused=False)
-    out = _bn_double_backward(*args(tf.float32), fused=True)
+    ref = _bn_double_backward(*args(tf.float64), fused=False, groups=groups)
+    out = _bn_double_backward(*args(tf.float32), fused=True, groups=groups)
     for name, o, r in zip(["dx", "d offset", "d x", "d dy"], out, ref):
         r = r.numpy()
         err = np.linalg.norm(o.numpy().astype(np.float64) - r)
@@ -556,9 +559,8 @@ def test_fused_batch_norm_second_derivative_matches_explicit_float64(shape):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_batch_norm_groups_equal_separate_calls(fused):
-    """groups=G on G stacked batches equals G separate batch-norm calls (the
-    fused flag falls back to explicit ops for G > 1), and differs from
-    normalising the whole stack at once."""
+    """groups=G on G stacked batches equals G separate batch-norm calls (on
+    both paths), and differs from normalising the whole stack at once."""
     rng = np.random.default_rng(8)
     g = 4
     parts = [bn_input(rng, n=3) for _ in range(g)]
@@ -584,18 +586,16 @@ def test_batch_norm_output_moments(fused):
     y = batch_norm(tf.constant(x), tf.constant(offset), fused=fused).numpy()
     y = y.astype(np.float64)
     var_in = x.astype(np.float64).var((0, 1, 2))
-    # float32 one-sweep variance of the explicit path: ~2e-5 off (measured).
-    tol = 1e-5 if fused else 1e-4
     np.testing.assert_allclose(y.mean((0, 1, 2)), offset, atol=1e-5)
-    np.testing.assert_allclose(y.var((0, 1, 2)), var_in / (var_in + 1e-3), atol=tol)
+    np.testing.assert_allclose(y.var((0, 1, 2)), var_in / (var_in + 1e-3), atol=1e-5)
     assert (var_in / (var_in + 1e-3)).min() < 0.5  # eps visibly matters
 
 
 def test_batch_norm_explicit_large_mean_relative_to_std():
-    """The explicit (one-sweep, E[x^2] - E[x]^2) float32 batch norm stays
-    within 1e-2 of numpy when the channel means are 30x the stds (the fused
-    kernel is accurate far beyond that).  Documents the precision limit of
-    the one-sweep variance; see the report for 100x and 1000x."""
+    """The explicit float32 batch norm (the mean first, then the variance of
+    the centred values) stays as close to numpy as the fused kernel when
+    the channel means are 30x the stds (both about 1e-5 off, measured),
+    where the one-sweep E[x^2] - E[x]^2 is about 3e-3 off (numpy, float32)."""
     rng = np.random.default_rng(11)
     x = (rng.normal(size=(20, 7, 7, 8)) + 30.0).astype(np.float32)
     offset = np.zeros(8, np.float32)
@@ -603,4 +603,4 @@ def test_batch_norm_explicit_large_mean_relative_to_std():
     expl = batch_norm(tf.constant(x), tf.constant(offset), fused=False).numpy()
     fused = batch_norm(tf.constant(x), tf.constant(offset), fused=True).numpy()
     np.testing.assert_allclose(fused, ref, atol=1e-4)
-    np.testing.assert_allclose(expl, ref, atol=1e-2)
+    np.testing.assert_allclose(expl, ref, atol=1e-4)
