@@ -30,7 +30,7 @@ class Config:
     # Model.
     noise: str = "meta_dropout"      # none (MAML) | meta_dropout
     learner: str = "maml"            # maml | meta_sgd (learned inner step sizes)
-    fused_bn: bool = True            # fused batch-norm kernel (float32, S = 1)
+    fused_bn: bool = True            # fused batch-norm kernel (float32)
 
     # Meta-learning.
     inner_steps: int = 5             # K
