@@ -9,7 +9,7 @@ per inner step for meta-dropout, and writes results.json beside the run.
 
 The per-episode accuracies go to test_accuracies.json after every batch
 (``src.records``): an interrupted evaluation (a 1000-episode meta-dropout
-test takes 1.5 h on 2 CPU cores) continues where it stopped when the same
+test takes about an hour on 2 CPU cores) continues where it stopped when the same
 command is rerun, and two models' records allow a paired comparison on the
 same episodes.
 
