@@ -9,9 +9,9 @@ per inner step for meta-dropout, and writes results.json beside the run.
 
 The per-episode accuracies go to test_accuracies.json after every batch
 (``src.records``): an interrupted evaluation (a 1000-episode meta-dropout
-test takes about an hour on 2 CPU cores) continues where it stopped when the same
-command is rerun, and two models' records allow a paired comparison on the
-same episodes.
+test takes about an hour on 2 CPU cores) continues where it stopped when
+the same command is rerun, and two models' records allow a paired
+comparison on the same episodes.
 
 Overrides of the test protocol (test_episodes, test_mc_samples, test_seed,
 eval_batch) still evaluate the run as trained and write results.json.

@@ -138,7 +138,8 @@ def _grouped_fused_batch_norm(x, offset, groups, second_order):
     shape = tf.shape(x)
     h, w, c = shape[1], shape[2], shape[3]
     per_pass = tf.reshape(x, [groups, -1, h, w, c])
-    wide = tf.reshape(tf.transpose(per_pass, [1, 2, 3, 0, 4]), [-1, h, w, groups * c])
+    wide = tf.reshape(tf.transpose(per_pass, [1, 2, 3, 0, 4]),
+                      [-1, h, w, groups * c])
     y = _fused_batch_norm(wide, tf.tile(offset, [groups]), second_order)
     y = tf.transpose(tf.reshape(y, [-1, h, w, groups, c]), [3, 0, 1, 2, 4])
     return tf.reshape(y, shape)
