@@ -18,6 +18,12 @@ eval_batch) still evaluate the run as trained and write results.json.
 Overrides of any other key that can change an accuracy (inner_lr,
 inner_steps, ...) evaluate a variant: its results go to
 results.<key=value,...>.json, and its record sits beside the run's own.
+
+``--checkpoint N`` tests the run's checkpoint of iteration N instead of the
+latest (the last three are in checkpoints/; a run trained with
+``ckpt_keep_every`` keeps more in checkpoints/kept/); unless it is the
+latest, its results go to results.ckpt-N.json (results.ckpt-N.<variant>.json
+with overrides), which ``src.report`` accepts in place of a workdir.
 """
 
 import argparse
@@ -31,28 +37,33 @@ from src import data as data_lib
 from src import records
 from src.config import ConfigError, load_config, meta_test_samples
 from src.report import summarize
-from src.train import build, configure_tensorflow, evaluate_episodes, make_checkpoint
+from src.train import (build, configure_tensorflow, evaluate_episodes, find_checkpoint,
+                       make_checkpoint)
 
 
-def evaluate(config, workdir):
+def evaluate(config, workdir, iteration=None):
     """Evaluates the run in ``workdir`` under ``config`` (its config.yaml
-    plus overrides); returns the results dict it writes to results.json, or
-    to results.<variant>.json for a variant (see the module docstring)."""
+    plus overrides), from its checkpoint of ``iteration`` (default: the
+    latest); returns the results dict it writes to results.json, or to
+    results[.ckpt-N][.<variant>].json for an earlier checkpoint or a
+    variant (see the module docstring)."""
     data = data_lib.check_run_data(config.data_dir, workdir)
+    checkpoint = find_checkpoint(workdir, iteration)
     configure_tensorflow(config)
     model, learner = build(config)
-    ckpt, manager, step, _ = make_checkpoint(learner, workdir)
-    if not manager.latest_checkpoint:
-        raise ConfigError(f"no checkpoint in {workdir}: train it first "
-                          "(python -m src.train --config ... --workdir ...)")
-    ckpt.restore(manager.latest_checkpoint).expect_partial()
+    ckpt, _, step, _ = make_checkpoint(learner, workdir)
+    ckpt.restore(checkpoint).expect_partial()
 
     images = data_lib.load_split(os.path.join(config.data_dir, "test.npy"))
     config_dict = dataclasses.asdict(config)
     run_config = dataclasses.asdict(load_config(os.path.join(workdir, "config.yaml")))
     variant = records.variant_name(run_config, config_dict)
-    path = os.path.join(workdir, f"results.{variant}.json" if variant else "results.json")
-    key = records.record_key(config_dict, manager.latest_checkpoint, data)
+    # An earlier checkpoint than the latest is a variant of its own.
+    earlier = os.path.basename(checkpoint) != os.path.basename(find_checkpoint(workdir))
+    name = ".".join(["results"] + ([os.path.basename(checkpoint)] if earlier else [])
+                    + ([variant] if variant else []) + ["json"])
+    path = os.path.join(workdir, name)
+    key = records.record_key(config_dict, checkpoint, data)
     recorded = records.load(workdir, key)
     # Whole batches only: a batch's noise depends on its size.
     kept = min(len(recorded), config.test_episodes) // config.eval_batch * config.eval_batch
@@ -78,7 +89,7 @@ def evaluate(config, workdir):
         "iterations_configured": config.iterations,
         "test_seed": config.test_seed,
         "seconds": round(time.time() - tic, 1),
-        "checkpoint": os.path.basename(manager.latest_checkpoint),
+        "checkpoint": os.path.basename(checkpoint),
         "config": config_dict,
         "data": data,
     }
@@ -95,13 +106,16 @@ def evaluate(config, workdir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a trained run directory")
+    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
+                        help="test the checkpoint of this iteration (in checkpoints/ "
+                             "or checkpoints/kept/) instead of the latest")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the run's config.yaml "
                              "(e.g. test_episodes=100)")
     args = parser.parse_args(argv)
     try:
         config = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)
-        evaluate(config, args.workdir)
+        evaluate(config, args.workdir, args.checkpoint)
     except (ConfigError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
 

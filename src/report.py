@@ -3,7 +3,8 @@
     python -m src.report runs/omniglot_1shot_maml runs/omniglot_1shot_metadrop \
         [--out runs/omniglot_1shot.md]
 
-Reads each workdir's results.json (written by ``src.evaluate``), identifies
+Reads each workdir's results.json (written by ``src.evaluate``; a results
+file such as runs/x/results.ckpt-3000.json may stand for a workdir), identifies
 the setting and model from the run's config (dataset, shot, learner, noise)
 and prints a markdown table: our accuracy ± 95% interval, test episodes,
 Monte-Carlo samples, iterations trained / configured (a run shorter than the
@@ -70,17 +71,26 @@ def _read_json(path):
         return json.load(f)
 
 
-def run_config(workdir):
-    """The run's config as a dict, or None: results.json's config, else the
-    workdir's config.yaml, else yaml/<workdir name>.yaml (an ``_itersN``
+def results_path(run):
+    """(workdir, results file) of a report argument: a workdir (its
+    results.json) or a results file of one (e.g. runs/x/results.ckpt-3000.json,
+    written by ``src.evaluate --checkpoint 3000``)."""
+    if run.endswith(".json"):
+        return os.path.dirname(run) or ".", run
+    return run, os.path.join(run, "results.json")
+
+
+def run_config(run):
+    """The run's config as a dict, or None: the results file's config, else
+    the workdir's config.yaml, else yaml/<workdir name>.yaml (an ``_itersN``
     suffix of the name, as the Makefile adds for shortened runs, dropped).
-    Keys missing from an older results.json take the Config defaults."""
-    config = _find_config(workdir)
+    Keys missing from an older results.json take the Config defaults.
+    ``run``: a workdir or a results file (see ``results_path``)."""
+    config = _find_config(*results_path(run))
     return None if config is None else {**dataclasses.asdict(Config()), **config}
 
 
-def _find_config(workdir):
-    results = os.path.join(workdir, "results.json")
+def _find_config(workdir, results):
     try:
         config = _read_json(results).get("config")
         if config:
@@ -150,22 +160,23 @@ def _result_cells(r, config):
             iterations_note(r["iterations_trained"], r["iterations_configured"])]
 
 
-def row(workdir):
-    """One table row (list of cells) for a workdir."""
-    config = run_config(workdir)
+def row(run):
+    """One table row (list of cells) for a workdir or results file."""
+    config = run_config(run)
     setting = setting_name(config) if config else "?"
     model = model_name(config) if config else "?"
     paper = paper_entry(config) if config else "-"
-    path = os.path.join(workdir, "results.json")
+    _, path = results_path(run)
+    name = os.path.basename(path)
     if not os.path.exists(path):
-        cells = ["not run (no results.json: train, then python -m src.evaluate)",
+        cells = [f"not run (no {name}: train, then python -m src.evaluate)",
                  "-", "-", "-"]
     else:
         try:
             cells = _result_cells(_read_json(path), config)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            cells = [f"unreadable results.json ({e!r})", "-", "-", "-"]
-    return [workdir, setting, model] + cells + [paper]
+            cells = [f"unreadable {name} ({e!r})", "-", "-", "-"]
+    return [run, setting, model] + cells + [paper]
 
 
 HEAD = ["run", "setting", "model", "ours (accuracy % ± 95% CI)", "test episodes",
@@ -183,11 +194,12 @@ def summarize(accs):
 _EPISODE_KEYS = ("dataset", "way", "shot", "query", "test_seed")
 
 
-def _episode_record(workdir):
-    """(episode identity, accuracies [n]) of the evaluation in results.json,
-    from test_accuracies.json; None if either is missing."""
+def _episode_record(run):
+    """(episode identity, accuracies [n]) of the evaluation in a run's
+    results file, from test_accuracies.json; None if either is missing."""
+    workdir, path = results_path(run)
     try:
-        results = _read_json(os.path.join(workdir, "results.json"))
+        results = _read_json(path)
         key = records.record_key(results["config"], results["checkpoint"],
                                  results.get("data"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -200,9 +212,10 @@ def _episode_record(workdir):
 
 
 def paired_lines(workdirs):
-    """One line per two workdirs tested on the same episodes (same dataset,
-    way, shot, query, test seed and data): the second's accuracy minus the
-    first's on their common episodes, mean ± 1.96·std/√n in points."""
+    """One line per two runs (workdirs or results files) tested on the same
+    episodes (same dataset, way, shot, query, test seed and data): the
+    second's accuracy minus the first's on their common episodes, mean ±
+    1.96·std/√n in points."""
     records = [(w, _episode_record(w)) for w in workdirs]
     lines = []
     for (wa, ra), (wb, rb) in itertools.combinations(records, 2):
@@ -255,8 +268,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m src.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", metavar="WORKDIR",
-                        help="run directories (with --is-fresh: one, then key=value "
-                             "overrides as given to src.evaluate)")
+                        help="run directories, or results files of runs such as "
+                             "runs/x/results.ckpt-3000.json (with --is-fresh: one "
+                             "directory, then key=value overrides as given to "
+                             "src.evaluate)")
     parser.add_argument("--out", help="also write the table to this markdown file")
     parser.add_argument("--is-fresh", action="store_true",
                         help="exit 0 if WORKDIR's results.json is up to date, else 1")

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -25,7 +26,7 @@ from src.meta_learner import MetaLearner
 from src.model import DATASETS, ConvNet
 
 # Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "val_every",
+RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every", "val_every",
                      "val_episodes", "test_episodes", "test_mc_samples",
                      "eval_batch", "data_dir", "intra_op_threads",
                      "inter_op_threads", "deterministic_ops", "parallel_tasks")
@@ -68,7 +69,11 @@ def build(config):
 
 
 def make_checkpoint(learner, workdir):
-    """(checkpoint, manager, step, sampler_state) over the learner's state."""
+    """(checkpoint, manager, step, sampler_state) over the learner's state.
+
+    The manager keeps the last 3 checkpoints in workdir/checkpoints/, which
+    resumption reads; ``kept_manager`` keeps chosen ones for good.
+    """
     step = tf.Variable(0, dtype=tf.int64, name="step")
     sampler_state = tf.Variable("", dtype=tf.string, name="sampler_state")
     ckpt = tf.train.Checkpoint(learner=learner, step=step,
@@ -76,6 +81,48 @@ def make_checkpoint(learner, workdir):
     manager = tf.train.CheckpointManager(
         ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
     return ckpt, manager, step, sampler_state
+
+
+KEPT_DIR = os.path.join("checkpoints", "kept")
+
+
+def kept_manager(ckpt, workdir):
+    """A manager of workdir/checkpoints/kept/, which deletes nothing: the
+    checkpoints of every ``ckpt_keep_every``-th iteration, for testing a
+    run at several points of its schedule (``src.evaluate --checkpoint``)."""
+    return tf.train.CheckpointManager(ckpt, os.path.join(workdir, KEPT_DIR),
+                                      max_to_keep=None)
+
+
+def find_checkpoint(workdir, iteration=None):
+    """Path prefix of the run's checkpoint of ``iteration`` (an int), in
+    checkpoints/ or checkpoints/kept/; the latest one if ``iteration`` is
+    None.  Raises ConfigError naming the iterations available."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if iteration is None:
+        latest = tf.train.latest_checkpoint(ckpt_dir)
+        if latest is None:
+            raise ConfigError(f"no checkpoint in {workdir}: train it first "
+                              "(python -m src.train --config ... --workdir ...)")
+        return latest
+    for d in (ckpt_dir, os.path.join(workdir, KEPT_DIR)):
+        path = os.path.join(d, f"ckpt-{iteration}")
+        if os.path.exists(path + ".index"):
+            return path
+    raise ConfigError(f"no checkpoint of iteration {iteration} in {workdir}; available: "
+                      f"{', '.join(map(str, checkpoint_iterations(workdir))) or 'none'} "
+                      "(ckpt_keep_every=N keeps every N-th for good)")
+
+
+def checkpoint_iterations(workdir):
+    """Sorted iterations of the checkpoints in checkpoints/ and checkpoints/kept/."""
+    pattern, found = re.compile(r"^ckpt-(\d+)\.index$"), set()
+    for d in (os.path.join(workdir, "checkpoints"), os.path.join(workdir, KEPT_DIR)):
+        for name in (os.listdir(d) if os.path.isdir(d) else []):
+            m = pattern.match(name)
+            if m:
+                found.add(int(m.group(1)))
+    return sorted(found)
 
 
 def image_shape(config):
@@ -186,6 +233,7 @@ def train(config, workdir):
 
     model, learner = build(config)
     ckpt, manager, step, sampler_state = make_checkpoint(learner, workdir)
+    kept = kept_manager(ckpt, workdir) if config.ckpt_keep_every else None
     log = Logger(workdir)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_consumed()
@@ -209,9 +257,13 @@ def train(config, workdir):
             log.scalars(it, {"val/accuracy": float(np.mean(accs))})
             log.line(f"iter {it}: validation accuracy {100 * np.mean(accs):.2f}% "
                      f"on {len(accs)} fixed episodes")
-        if it % config.ckpt_every == 0 or it == config.iterations:
+        keep = kept is not None and it % config.ckpt_keep_every == 0
+        if keep or it % config.ckpt_every == 0 or it == config.iterations:
             sampler_state.assign(json.dumps(sampler.get_state()))
+        if it % config.ckpt_every == 0 or it == config.iterations:
             manager.save(checkpoint_number=it)
+        if keep:
+            kept.save(checkpoint_number=it)
     return int(step)
 
 

@@ -239,6 +239,50 @@ def test_train_then_evaluate_smoke(tmp_path, data_dir):
     np.testing.assert_allclose(recorded()[1], expected)
 
 
+def test_kept_checkpoints_and_testing_an_earlier_one(tmp_path, data_dir):
+    """ckpt_every=1, ckpt_keep_every=2, 5 iterations: checkpoints/ holds the
+    last three (3, 4, 5) and checkpoints/kept/ every second one (2, 4), each
+    the state of its iteration (step and Adam's count; the kept 4 equal to
+    checkpoints/ckpt-4 in every variable).  ``src.evaluate --checkpoint 2``
+    tests the kept one into results.ckpt-2.json with its own record;
+    naming the latest writes results.json; a missing one is an error that
+    lists the iterations available."""
+    w = tmp_path / "run"
+    ok(run("src.train", train_args(w, data_dir, "iterations=5", "ckpt_every=1",
+                                   "ckpt_keep_every=2")))
+    index = lambda d: sorted(p.name for p in d.glob("ckpt-*.index"))
+    assert index(w / "checkpoints") == ["ckpt-3.index", "ckpt-4.index", "ckpt-5.index"]
+    assert index(w / "checkpoints" / "kept") == ["ckpt-2.index", "ckpt-4.index"]
+    kept2 = read_checkpoint(str(w / "checkpoints" / "kept" / "ckpt-2"))
+    kept4 = read_checkpoint(str(w / "checkpoints" / "kept" / "ckpt-4"))
+    main4 = read_checkpoint(str(w / "checkpoints" / "ckpt-4"))
+    for state, n in ((kept2, 2), (kept4, 4)):
+        assert int(state["step/.ATTRIBUTES/VARIABLE_VALUE"]) == n
+        assert int(state["learner/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]) == n
+    # save_counter counts saves, not iterations: the kept copy is one more.
+    same = [k for k in main4 if not k.startswith("save_counter")]
+    assert all(np.array_equal(kept4[k], main4[k]) for k in same)
+    weights = [k for k in kept2 if k.startswith("learner/variables_list/")]
+    assert any(not np.array_equal(kept2[k], kept4[k]) for k in weights)
+
+    proc = ok(run("src.evaluate", ["--workdir", str(w), "--checkpoint", "2",
+                                   "test_episodes=2"]))
+    assert "results.ckpt-2.json" in proc.stdout and not (w / "results.json").exists()
+    earlier = json.loads((w / "results.ckpt-2.json").read_text())
+    assert earlier["iterations_trained"] == 2 and earlier["checkpoint"] == "ckpt-2"
+    assert earlier["episodes"] == 2 and "variant" not in earlier
+    ok(run("src.evaluate", ["--workdir", str(w), "--checkpoint", "5", "test_episodes=2"]))
+    latest = json.loads((w / "results.json").read_text())
+    assert latest["iterations_trained"] == 5 and latest["checkpoint"] == "ckpt-5"
+    content = json.loads((w / "test_accuracies.json").read_text())
+    assert sorted(r["key"]["checkpoint"] for r in content["records"]) == ["ckpt-2", "ckpt-5"]
+
+    proc = run("src.evaluate", ["--workdir", str(w), "--checkpoint", "1"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no checkpoint of iteration 1" in proc.stderr
+    assert "available: 2, 3, 4, 5" in proc.stderr
+
+
 def test_unknown_key_on_cli_fails_and_names_it(tmp_path, data_dir):
     """An unknown key=value on the train CLI exits non-zero with a message
     naming the key (and listing valid ones), before creating the workdir."""

@@ -148,3 +148,34 @@ def test_paired_difference_on_the_same_episodes(tmp_path):
     lines = [l for l in table.splitlines() if "(paired)" in l]
     assert lines == [f"{drop} minus {maml} on the same 4 test episodes: "
                      f"+5.00 ± {ci:.2f} points (paired)"]
+
+
+def test_results_file_of_an_earlier_checkpoint_stands_for_its_run(tmp_path):
+    """A results file (results.ckpt-N.json, as ``src.evaluate --checkpoint
+    N`` writes) may replace a workdir: its row shows that file's accuracy and
+    iterations, and it is paired with the run's latest checkpoint through
+    its own record, not the latest one's."""
+    run = fake_run(tmp_path, "omniglot_1shot_maml", ["iterations=4000"], trained=4000,
+                   accuracy=92.2)
+    write_record(run, [1.0, 0.9, 0.8, 0.7])
+    latest = json.loads(open(os.path.join(run, "results.json")).read())
+    earlier = {**latest, "accuracy": 90.6, "ci95": 0.21, "iterations_trained": 3000,
+               "checkpoint": "ckpt-3000"}
+    path = os.path.join(run, "results.ckpt-3000.json")
+    with open(path, "w") as f:
+        json.dump(earlier, f)
+    records.save(run, records.record_key(earlier["config"], "ckpt-3000", earlier["data"]),
+                 [0.9, 0.9, 0.9, 0.9])
+
+    table = report.report([path, run])
+    assert cells(table, path)["ours (accuracy % ± 95% CI)"] == "90.60 ± 0.21"
+    assert cells(table, path)["iterations trained / configured"].startswith("3000 / 4000")
+    assert cells(table, path)["model"] == "MAML"
+    assert cells(table, run)["ours (accuracy % ± 95% CI)"] == "92.20 ± 0.20"
+    # Differences in points +10, 0, -10, -20: mean -5, population variance 125.
+    ci = 1.96 * 125 ** 0.5 / 2
+    assert [l for l in table.splitlines() if "(paired)" in l] == [
+        f"{run} minus {path} on the same 4 test episodes: -5.00 ± {ci:.2f} points (paired)"]
+    missing = os.path.join(run, "results.ckpt-1000.json")
+    assert cells(report.report([missing]), missing)["ours (accuracy % ± 95% CI)"] == \
+        "not run (no results.ckpt-1000.json: train, then python -m src.evaluate)"
