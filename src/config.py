@@ -48,7 +48,7 @@ class Config:
     # Logging, checkpoints, validation.
     log_every: int = 50
     ckpt_every: int = 1000
-    ckpt_keep_every: int = 0         # also keep every N-th iteration's checkpoint in checkpoints/kept/; 0: only the last 3
+    ckpt_keep_every: int = 0         # also keep every N-th one for good, in checkpoints/kept/; 0: off
     val_every: int = 1000            # 0 disables
     val_episodes: int = 100          # fixed validation episodes
     deterministic_ops: bool = False  # bitwise-repeatable runs (op determinism, one inter-op thread)
@@ -67,8 +67,8 @@ CHOICES = {
     "noise": ("none", "meta_dropout"),
     "learner": ("maml", "meta_sgd"),
 }
-NON_NEGATIVE = ("seed", "test_seed", "clip", "val_every", "ckpt_keep_every", "intra_op_threads",
-                "inter_op_threads", "parallel_tasks")
+NON_NEGATIVE = ("seed", "test_seed", "clip", "val_every", "ckpt_keep_every",
+                "intra_op_threads", "inter_op_threads", "parallel_tasks")
 POSITIVE = ("inner_lr", "meta_lr", "way", "shot", "query", "inner_steps", "meta_batch", "iterations",
             "mc_samples", "log_every", "ckpt_every", "val_episodes",
             "test_episodes", "test_mc_samples", "eval_batch")

@@ -21,8 +21,8 @@ FILENAME = "test_accuracies.json"
 # threads, where the data lives; bn_second_order shapes only the
 # meta-gradient, and leaving it out keeps the records written before it
 # existed valid).
-NOT_IN_KEY = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every", "val_every",
-              "val_episodes", "test_episodes", "data_dir",
+NOT_IN_KEY = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every",
+              "val_every", "val_episodes", "test_episodes", "data_dir",
               "intra_op_threads", "inter_op_threads", "parallel_tasks",
               "bn_second_order")
 

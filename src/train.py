@@ -26,8 +26,8 @@ from src.meta_learner import MetaLearner
 from src.model import DATASETS, ConvNet
 
 # Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every", "val_every",
-                     "val_episodes", "test_episodes", "test_mc_samples",
+RESUMABLE_CHANGES = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every",
+                     "val_every", "val_episodes", "test_episodes", "test_mc_samples",
                      "eval_batch", "data_dir", "intra_op_threads",
                      "inter_op_threads", "deterministic_ops", "parallel_tasks")
 
