@@ -219,9 +219,17 @@ def test_non_positive_value_for_positive_key(key, value):
 
 
 def test_zero_allowed_where_it_means_disabled():
-    """clip=0 (no clipping) and val_every=0 (no validation) are valid."""
-    c = load_config(None, ["clip=0", "val_every=0"])
-    assert c.clip == 0.0 and c.val_every == 0
+    """clip=0 (no clipping), val_every=0 (no validation) and
+    ckpt_keep_every=0 (no kept checkpoints) are valid."""
+    c = load_config(None, ["clip=0", "val_every=0", "ckpt_keep_every=0"])
+    assert c.clip == 0.0 and c.val_every == 0 and c.ckpt_keep_every == 0
+
+
+@pytest.mark.parametrize("key", ["val_every", "ckpt_keep_every", "parallel_tasks"])
+def test_negative_value_for_non_negative_key(key):
+    """Keys where 0 means off reject negative values, naming the key."""
+    with pytest.raises(ConfigError, match=f"'{key}' must be >= 0"):
+        load_config(None, [f"{key}=-1"])
 
 
 # ------------------------------------------------------------ round trip
