@@ -36,7 +36,7 @@ import time
 from src import data as data_lib
 from src import records
 from src.config import ConfigError, load_config, meta_test_samples
-from src.report import summarize
+from src.report import latest_checkpoint, summarize
 from src.train import (build, configure_tensorflow, evaluate_episodes, find_checkpoint,
                        make_checkpoint)
 
@@ -59,7 +59,8 @@ def evaluate(config, workdir, iteration=None):
     run_config = dataclasses.asdict(load_config(os.path.join(workdir, "config.yaml")))
     variant = records.variant_name(run_config, config_dict)
     # An earlier checkpoint than the latest is a variant of its own.
-    earlier = os.path.basename(checkpoint) != os.path.basename(find_checkpoint(workdir))
+    earlier = (iteration is not None
+               and os.path.basename(checkpoint) != latest_checkpoint(workdir))
     name = ".".join(["results"] + ([os.path.basename(checkpoint)] if earlier else [])
                     + ([variant] if variant else []) + ["json"])
     path = os.path.join(workdir, name)

@@ -94,18 +94,22 @@ def kept_manager(ckpt, workdir):
                                       max_to_keep=None)
 
 
+def _checkpoint_dirs(workdir):
+    """The run's checkpoints/ (the last three) and checkpoints/kept/."""
+    return os.path.join(workdir, "checkpoints"), os.path.join(workdir, KEPT_DIR)
+
+
 def find_checkpoint(workdir, iteration=None):
     """Path prefix of the run's checkpoint of ``iteration`` (an int), in
     checkpoints/ or checkpoints/kept/; the latest one if ``iteration`` is
     None.  Raises ConfigError naming the iterations available."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
     if iteration is None:
-        latest = tf.train.latest_checkpoint(ckpt_dir)
+        latest = tf.train.latest_checkpoint(_checkpoint_dirs(workdir)[0])
         if latest is None:
             raise ConfigError(f"no checkpoint in {workdir}: train it first "
                               "(python -m src.train --config ... --workdir ...)")
         return latest
-    for d in (ckpt_dir, os.path.join(workdir, KEPT_DIR)):
+    for d in _checkpoint_dirs(workdir):
         path = os.path.join(d, f"ckpt-{iteration}")
         if os.path.exists(path + ".index"):
             return path
@@ -117,7 +121,7 @@ def find_checkpoint(workdir, iteration=None):
 def checkpoint_iterations(workdir):
     """Sorted iterations of the checkpoints in checkpoints/ and checkpoints/kept/."""
     pattern, found = re.compile(r"^ckpt-(\d+)\.index$"), set()
-    for d in (os.path.join(workdir, "checkpoints"), os.path.join(workdir, KEPT_DIR)):
+    for d in _checkpoint_dirs(workdir):
         for name in (os.listdir(d) if os.path.isdir(d) else []):
             m = pattern.match(name)
             if m:
@@ -257,10 +261,11 @@ def train(config, workdir):
             log.scalars(it, {"val/accuracy": float(np.mean(accs))})
             log.line(f"iter {it}: validation accuracy {100 * np.mean(accs):.2f}% "
                      f"on {len(accs)} fixed episodes")
+        save = it % config.ckpt_every == 0 or it == config.iterations
         keep = kept is not None and it % config.ckpt_keep_every == 0
-        if keep or it % config.ckpt_every == 0 or it == config.iterations:
+        if save or keep:
             sampler_state.assign(json.dumps(sampler.get_state()))
-        if it % config.ckpt_every == 0 or it == config.iterations:
+        if save:
             manager.save(checkpoint_number=it)
         if keep:
             kept.save(checkpoint_number=it)
