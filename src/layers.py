@@ -187,7 +187,34 @@ def linear_maps(h, maps, op):
     ``op`` (conv or matmul); returns their outputs in order.  (One conv on
     the concatenated kernels was measured slower with oneDNN: the split and
     concat of the activations cost more than the wider GEMM saves.)"""
-    return [op(h, kernel) + bias for kernel, bias in maps]
+    return [add_bias(op(h, kernel), bias) for kernel, bias in maps]
+
+
+def channel_sum(x):
+    """Sum of x [..., C] over all axes but the last -> [C].
+
+    A matrix product with a row of ones: on a CPU, ``reduce_sum`` over the
+    leading axes of block 1's query activations (300x28x28x64) takes 22 ms,
+    this 4 ms.
+    """
+    channels = tf.shape(x)[-1]
+    rows = tf.reshape(x, [-1, channels])
+    ones = tf.ones([1, tf.shape(rows)[0]], x.dtype)
+    return tf.reshape(tf.matmul(ones, rows), [channels])
+
+
+@tf.custom_gradient
+def add_bias(x, bias):
+    """x [..., C] + bias [C], whose bias gradient is ``channel_sum``.
+
+    With a plain ``+`` the bias gradient is a ``reduce_sum``; with
+    ``tf.nn.bias_add``, TensorFlow fuses its ``BiasAddGrad`` into the
+    convolution's filter gradient, which oneDNN then runs about as slowly.
+    The gradient is made of differentiable ops, so second order holds.
+    """
+    def grad(dy):
+        return dy, channel_sum(dy)
+    return x + bias, grad
 
 
 def conv3x3(h, kernel):

@@ -15,7 +15,7 @@ import src  # noqa: F401  (sets TensorFlow's environment defaults first)
 import tensorflow as tf
 from numpy.polynomial.hermite_e import hermegauss
 
-from src.layers import BN_EPSILON, batch_norm
+from src.layers import BN_EPSILON, add_bias, batch_norm, channel_sum
 from src.model import ConvNet
 from src.noise import (AdditiveHeadNoise, MultiplicativeMetaDropout, NoNoise,
                        normal)
@@ -604,3 +604,40 @@ def test_batch_norm_explicit_large_mean_relative_to_std():
     fused = batch_norm(tf.constant(x), tf.constant(offset), fused=True).numpy()
     np.testing.assert_allclose(fused, ref, atol=1e-4)
     np.testing.assert_allclose(expl, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 5, 3), (7, 4)])
+def test_add_bias_value_and_two_derivatives(shape):
+    """``add_bias`` (its bias gradient a matrix product with ones) equals a
+    plain broadcast ``+`` in value, in its gradient w.r.t. x and the bias,
+    and in the second derivative that second-order MAML takes of that
+    gradient (here of a gradient through a nonlinearity, so that dy depends
+    on x); float64, against numpy and against autodiff of ``+``."""
+    rng = np.random.default_rng(12)
+    x = tf.constant(rng.normal(size=shape))
+    bias = tf.constant(rng.normal(size=shape[-1]))
+    w = tf.constant(rng.normal(size=shape))
+    np.testing.assert_allclose(channel_sum(x).numpy(),
+                               x.numpy().reshape(-1, shape[-1]).sum(0), rtol=1e-12)
+
+    def grads(add):
+        with tf.GradientTape() as outer:
+            outer.watch([x, bias])
+            with tf.GradientTape() as inner:
+                inner.watch([x, bias])
+                y = add(x, bias)
+                loss = tf.reduce_sum(w * tf.tanh(y))
+            gx, gb = inner.gradient(loss, [x, bias])
+            second = tf.reduce_sum(gb ** 2) + tf.reduce_sum(gx * w)
+        return [y, gx, gb] + outer.gradient(second, [x, bias])
+
+    ours, ref = grads(add_bias), grads(lambda a, b: a + b)
+    y_np = x.numpy() + bias.numpy()
+    np.testing.assert_allclose(ours[0].numpy(), y_np, rtol=1e-12)
+    np.testing.assert_allclose(
+        ours[2].numpy(),
+        (w.numpy() / np.cosh(y_np) ** 2).reshape(-1, shape[-1]).sum(0), rtol=1e-10)
+    for name, o, r in zip(["y", "dx", "dbias", "d2 x", "d2 bias"], ours, ref):
+        np.testing.assert_allclose(o.numpy(), r.numpy(), rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
+        assert np.abs(r.numpy()).max() > 1e-3, name
