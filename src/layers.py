@@ -32,6 +32,22 @@ def dense_init(seed):
     return tf.keras.initializers.RandomNormal(stddev=0.02, seed=seed)
 
 
+def kernel_initializer(kind, init, seed):
+    """The seeded initializer of one kernel.
+
+    Args:
+      kind: 'conv' or 'dense' (which original initialiser applies).
+      init: 'original' (the authors' std-0.02 initialisers above), or
+        'glorot_uniform' (Keras' default for Conv2D / Dense, a diagnostic:
+        kernels start 2-15 times larger, which with batch norm after every
+        convolution makes the first inner steps smaller relative to them).
+      seed: int.
+    """
+    if init == "glorot_uniform":
+        return tf.keras.initializers.GlorotUniform(seed=seed)
+    return {"conv": conv_init, "dense": dense_init}[kind](seed)
+
+
 def batch_norm(x, offset, groups=1, fused=True, second_order=True):
     """Transductive batch norm (batch statistics, centre only, no scale).
 
@@ -224,23 +240,25 @@ def conv3x3(h, kernel):
 class _ParamLayer(tf.keras.layers.Layer):
     """Base: remembers which group each weight belongs to."""
 
-    def __init__(self, seed=0, **kwargs):
+    def __init__(self, seed=0, init="original", **kwargs):
         super().__init__(**kwargs)
         self._seed = seed
+        self._init = init
         self._draws = 0
         self.groups = {"theta": {}, "phi": {}, "beta": {}}
 
     def new_weight(self, group, name, shape, init):
         """Adds a weight to ``group`` ('theta', 'phi' or 'beta').
 
-        ``init`` is 'conv', 'dense' or 'zeros'.  Every weight gets its own
-        seeded initializer, since a reused unseeded Keras initializer repeats
-        its values.
+        ``init`` is 'conv', 'dense' or 'zeros'; kernels follow the layer's
+        initialiser scheme (``kernel_initializer``).  Every weight gets its
+        own seeded initializer, since a reused unseeded Keras initializer
+        repeats its values.
         """
         self._draws += 1
         seed = self._seed * 1000 + self._draws
-        initializer = {"conv": conv_init(seed), "dense": dense_init(seed),
-                       "zeros": tf.keras.initializers.Zeros()}[init]
+        initializer = (tf.keras.initializers.Zeros() if init == "zeros"
+                       else kernel_initializer(init, self._init, seed))
         var = self.add_weight(name=name, shape=shape, initializer=initializer,
                               trainable=True)
         self.groups[group][name] = var
@@ -261,8 +279,8 @@ class ConvBlock(_ParamLayer):
     """
 
     def __init__(self, channels, noise="none", smooth=False, fused_bn=True,
-                 bn_second_order=True, seed=0, **kwargs):
-        super().__init__(seed=seed, **kwargs)
+                 bn_second_order=True, seed=0, init="original", **kwargs):
+        super().__init__(seed=seed, init=init, **kwargs)
         self.channels = channels
         self.noise = noise_lib.make_block_noise(noise)
         self.smooth = smooth
@@ -308,8 +326,8 @@ class ConvBlock(_ParamLayer):
 class DenseHead(_ParamLayer):
     """Dense layer to ``way`` logits (θ), with optional head noise."""
 
-    def __init__(self, way, noise="none", seed=0, **kwargs):
-        super().__init__(seed=seed, **kwargs)
+    def __init__(self, way, noise="none", seed=0, init="original", **kwargs):
+        super().__init__(seed=seed, init=init, **kwargs)
         self.way = way
         self.noise = noise_lib.make_head_noise(noise)
 

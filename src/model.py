@@ -29,20 +29,23 @@ class ConvNet(tf.keras.Model):
         norm's backward pass, as the authors' TF1 code did (see
         ``layers.batch_norm``).
       seed: initialisation seed; every weight gets its own draw.
+      init: kernel initialisers, 'original' (std 0.02) or 'glorot_uniform'
+        (see ``layers.kernel_initializer``).
       dtype: 'float32', or 'float64' for numerical tests.
     """
 
     def __init__(self, dataset, way, noise="none", smooth=False, fused_bn=True,
-                 bn_second_order=True, seed=0, dtype="float32"):
+                 bn_second_order=True, seed=0, init="original",
+                 dtype="float32"):
         super().__init__(name="convnet", dtype=dtype)
         self.input_shape_hwc, channels = DATASETS[dataset]
         self.blocks = [
             ConvBlock(channels, noise=noise, smooth=smooth, fused_bn=fused_bn,
                       bn_second_order=bn_second_order, seed=seed * 10 + i,
-                      name=f"block{i + 1}", dtype=dtype)
+                      init=init, name=f"block{i + 1}", dtype=dtype)
             for i in range(NUM_BLOCKS)]
         self.head = DenseHead(way, noise=noise, seed=seed * 10 + NUM_BLOCKS,
-                              name="head", dtype=dtype)
+                              init=init, name="head", dtype=dtype)
         self.layers_by_name = {l.name: l for l in self.blocks + [self.head]}
         self.build_params()
 

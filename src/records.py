@@ -19,12 +19,13 @@ FILENAME = "test_accuracies.json"
 
 # Config keys that cannot change a test accuracy (run length, logging,
 # threads, where the data lives; bn_second_order shapes only the
-# meta-gradient, and leaving it out keeps the records written before it
-# existed valid).
+# meta-gradient and init only the weights before training, which the
+# checkpoint replaces; leaving them out keeps the records written before
+# they existed valid).
 NOT_IN_KEY = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every",
               "val_every", "val_episodes", "test_episodes", "data_dir",
               "intra_op_threads", "inter_op_threads", "parallel_tasks",
-              "bn_second_order")
+              "bn_second_order", "init")
 
 # Keys of the test protocol: they choose which episodes are drawn and how
 # they are scored, not what model is tested.  Overriding any other key at

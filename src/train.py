@@ -58,7 +58,8 @@ def build(config):
     """Model and meta-learner of a config (fresh variables, seeded)."""
     model = ConvNet(config.dataset, config.way, noise=config.noise,
                     fused_bn=config.fused_bn,
-                    bn_second_order=config.bn_second_order, seed=config.seed)
+                    bn_second_order=config.bn_second_order, seed=config.seed,
+                    init=config.init)
     learner = MetaLearner(
         model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
         meta_lr=config.meta_lr, meta_sgd=config.learner == "meta_sgd",
