@@ -197,7 +197,8 @@ def test_int_accepted_for_float_key(tmp_path):
 
 @pytest.mark.parametrize("key, bad", [("noise", "dropout"),
                                       ("dataset", "mnist"),
-                                      ("learner", "reptile")])
+                                      ("learner", "reptile"),
+                                      ("init", "he_normal")])
 def test_value_outside_choices_lists_choices(key, bad):
     """A value outside a key's choices raises ConfigError naming the key, the
     bad value and every valid choice."""

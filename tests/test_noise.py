@@ -365,6 +365,31 @@ def test_meta_dropout_parameter_shapes_and_init():
             assert not np.any(v.numpy()), name
 
 
+def test_glorot_uniform_init_option():
+    """init='glorot_uniform': every kernel (θ and φ) is uniform on
+    ±sqrt(6 / (fan_in + fan_out)) with variance 2 / (fan_in + fan_out),
+    fans as Keras counts them (receptive field x channels); draws stay
+    distinct and seeded, biases and offsets stay 0."""
+    net = ConvNet("omniglot", 20, noise="meta_dropout", seed=0,
+                  init="glorot_uniform")
+    again = ConvNet("omniglot", 20, noise="meta_dropout", seed=0,
+                    init="glorot_uniform")
+    kernels = {k: v.numpy() for k, v in net.params().items() if k.endswith("kernel")}
+    assert len({tuple(v.ravel()[:8]) for v in kernels.values()}) == len(kernels)
+    for name, v in kernels.items():
+        np.testing.assert_array_equal(v, again.params()[name].numpy())
+        receptive = int(np.prod(v.shape[:-2])) if v.ndim == 4 else 1
+        fan_in, fan_out = receptive * v.shape[-2], receptive * v.shape[-1]
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(v).max() <= limit, name
+        assert np.abs(v).max() > 0.9 * limit, name  # not a narrower law
+        if v.size > 10000:
+            assert abs(v.var() / (limit ** 2 / 3) - 1) < 0.05, name
+    for name, v in net.params().items():
+        if not name.endswith("kernel"):
+            assert not np.any(v.numpy()), name
+
+
 def test_meta_dropout_forward_seeding(md_net):
     """noise='meta_dropout': the deterministic forward is repeatable; the
     sampled one is repeatable with the same seed, changes with the seed, and
