@@ -31,7 +31,7 @@ class Config:
     noise: str = "meta_dropout"      # none (MAML) | meta_dropout
     learner: str = "maml"            # maml | meta_sgd (learned inner step sizes)
     fused_bn: bool = True            # fused batch-norm kernel (float32)
-    init: str = "original"           # kernel initialisers: original (std 0.02) | glorot_uniform
+    init: str = "original"           # kernel initialisers: original (std 0.02) | glorot_uniform | pytorch_default
 
     # Meta-learning.
     inner_steps: int = 5             # K
@@ -67,7 +67,7 @@ CHOICES = {
     "dataset": ("omniglot", "miniimagenet"),
     "noise": ("none", "meta_dropout"),
     "learner": ("maml", "meta_sgd"),
-    "init": ("original", "glorot_uniform"),
+    "init": ("original", "glorot_uniform", "pytorch_default"),
 }
 NON_NEGATIVE = ("seed", "test_seed", "clip", "val_every", "ckpt_keep_every",
                 "intra_op_threads", "inter_op_threads", "parallel_tasks")

@@ -37,14 +37,20 @@ def kernel_initializer(kind, init, seed):
 
     Args:
       kind: 'conv' or 'dense' (which original initialiser applies).
-      init: 'original' (the authors' std-0.02 initialisers above), or
-        'glorot_uniform' (Keras' default for Conv2D / Dense, a diagnostic:
-        kernels start 2-15 times larger, which with batch norm after every
-        convolution makes the first inner steps smaller relative to them).
+      init: 'original' (the authors' std-0.02 initialisers above);
+        'glorot_uniform' (Keras' default for Conv2D / Dense); or
+        'pytorch_default' (PyTorch's for Conv2d / Linear, uniform on
+        ±1/sqrt(fan_in)).  The last two are diagnostics: with batch norm
+        after every convolution, a kernel's scale sets how far an inner
+        step moves it, relative to its size.
       seed: int.
     """
     if init == "glorot_uniform":
         return tf.keras.initializers.GlorotUniform(seed=seed)
+    if init == "pytorch_default":
+        # kaiming_uniform_(a=sqrt(5)): variance 1 / (3 fan_in).
+        return tf.keras.initializers.VarianceScaling(
+            scale=1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed)
     return {"conv": conv_init, "dense": dense_init}[kind](seed)
 
 

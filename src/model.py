@@ -29,8 +29,8 @@ class ConvNet(tf.keras.Model):
         norm's backward pass, as the authors' TF1 code did (see
         ``layers.batch_norm``).
       seed: initialisation seed; every weight gets its own draw.
-      init: kernel initialisers, 'original' (std 0.02) or 'glorot_uniform'
-        (see ``layers.kernel_initializer``).
+      init: kernel initialisers, 'original' (std 0.02), 'glorot_uniform'
+        or 'pytorch_default' (see ``layers.kernel_initializer``).
       dtype: 'float32', or 'float64' for numerical tests.
     """
 
