@@ -253,18 +253,18 @@ class _ParamLayer(tf.keras.layers.Layer):
         self._draws = 0
         self.groups = {"theta": {}, "phi": {}, "beta": {}}
 
-    def new_weight(self, group, name, shape, init):
+    def new_weight(self, group, name, shape, kind):
         """Adds a weight to ``group`` ('theta', 'phi' or 'beta').
 
-        ``init`` is 'conv', 'dense' or 'zeros'; kernels follow the layer's
+        ``kind`` is 'conv', 'dense' or 'zeros'; kernels follow the layer's
         initialiser scheme (``kernel_initializer``).  Every weight gets its
         own seeded initializer, since a reused unseeded Keras initializer
         repeats its values.
         """
         self._draws += 1
         seed = self._seed * 1000 + self._draws
-        initializer = (tf.keras.initializers.Zeros() if init == "zeros"
-                       else kernel_initializer(init, self._init, seed))
+        initializer = (tf.keras.initializers.Zeros() if kind == "zeros"
+                       else kernel_initializer(kind, self._init, seed))
         var = self.add_weight(name=name, shape=shape, initializer=initializer,
                               trainable=True)
         self.groups[group][name] = var
