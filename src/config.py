@@ -41,6 +41,7 @@ class Config:
     iterations: int = 60000
     first_order: bool = False        # first-order MAML (never the default)
     bn_second_order: bool = True     # False: the authors' TF1 meta-gradient (see README)
+    adapt_offsets: bool = False      # also adapt batch norm's β in the inner loop (a diagnostic)
     mc_samples: int = 1              # S at meta-training
     clip: float = 3.0                # element-wise gradient clip; 0 disables
     parallel_tasks: int = 2          # tasks computed side by side (bounds memory); 0 = all

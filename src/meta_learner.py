@@ -56,17 +56,18 @@ def adapt(model, params, inner_lr, x, y, steps, mc_samples, seed,
 
     Args:
       model: a ``ConvNet``.
-      params: flat dict of θ, φ, β (variables or tensors); only the keys of
-        ``model.group("theta")`` are adapted.
-      inner_lr: {θ key: scalar or tensor of θ's shape} step sizes.
+      params: flat dict of θ, φ, β (variables or tensors).
+      inner_lr: {key: scalar or tensor of that parameter's shape} step
+        sizes; its keys name the parameters adapted (θ's, and β's too with
+        ``MetaLearner(adapt_offsets=True)``), the rest stay fixed.
       x: [N, H, W, C], y: int [N] the support set.
       steps: K.  mc_samples: S.  seed: int [2].
       first_order: stop the gradient of each inner gradient (first-order
         MAML); the default keeps the full second-order meta-gradient.
     Returns:
-      flat dict {θ key: adapted tensor}.
+      flat dict {adapted key: adapted tensor}.
     """
-    fast = {k: tf.identity(params[k]) for k in model.group("theta")}
+    fast = {k: tf.identity(params[k]) for k in inner_lr}
     for k in range(steps):
         step_seed = tf.random.experimental.stateless_fold_in(seed, k)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -109,10 +110,14 @@ class MetaLearner(tf.Module):
       clip: element-wise meta-gradient clip to [-clip, clip]; 0 disables.
       parallel_tasks: tasks of a meta-batch whose graphs may run side by
         side (bounds memory, see ``meta_gradients``); 0 = all.
+      adapt_offsets: also adapt the batch-norm offsets β in the inner loop,
+        with the same step size (a diagnostic: PyTorch ports of MAML adapt
+        batch norm's parameters; the original code only meta-learns β).
     """
 
     def __init__(self, model, inner_lr, inner_steps, meta_lr, meta_sgd=False,
-                 first_order=False, mc_samples=1, clip=3.0, parallel_tasks=0):
+                 first_order=False, mc_samples=1, clip=3.0, parallel_tasks=0,
+                 adapt_offsets=False):
         super().__init__(name="meta_learner")
         self.parallel_tasks = parallel_tasks
         self.model = model
@@ -120,14 +125,17 @@ class MetaLearner(tf.Module):
         self.first_order = first_order
         self.mc_samples = mc_samples
         self.clip = clip
-        theta = model.group("theta")
+        adapted = model.group("theta")
+        if adapt_offsets:
+            adapted = {**adapted, **model.group("beta")}
+        # The step sizes' keys are the parameters the inner loop adapts.
         if meta_sgd:
             self.inner_lr = {k: tf.Variable(tf.fill(v.shape, tf.constant(inner_lr, v.dtype)),
                                             name="lr/" + k)
-                             for k, v in theta.items()}
+                             for k, v in adapted.items()}
         else:
             self.inner_lr = {k: tf.constant(inner_lr, v.dtype)
-                             for k, v in theta.items()}
+                             for k, v in adapted.items()}
         self.variables_list = list(model.params().values())
         if meta_sgd:
             self.variables_list += list(self.inner_lr.values())

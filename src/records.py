@@ -32,11 +32,19 @@ NOT_IN_KEY = ("iterations", "log_every", "ckpt_every", "ckpt_keep_every",
 # evaluation (inner_lr, inner_steps, ...) evaluates a variant of the model.
 PROTOCOL = ("test_episodes", "test_mc_samples", "test_seed", "eval_batch")
 
+# Keys added after records were first written, with their defaults: a key
+# at its default is left out, so that the older records stay valid; any
+# other value is part of the key.
+LATER_KEYS = {"adapt_offsets": False}
+
 
 def record_key(config, checkpoint, data):
     """The key of a record: {"checkpoint": basename, "data": signature,
-    "config": the config dict without NOT_IN_KEY}, in its JSON form."""
-    cfg = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
+    "config": the config dict without NOT_IN_KEY, nor LATER_KEYS at their
+    defaults}, in its JSON form."""
+    cfg = {k: v for k, v in config.items()
+           if k not in NOT_IN_KEY
+           and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     key = {"checkpoint": os.path.basename(checkpoint), "data": data, "config": cfg}
     return json.loads(json.dumps(key))
 

@@ -65,7 +65,8 @@ def build(config):
         meta_lr=config.meta_lr, meta_sgd=config.learner == "meta_sgd",
         first_order=config.first_order,
         mc_samples=meta_train_samples(config),
-        clip=config.clip, parallel_tasks=config.parallel_tasks)
+        clip=config.clip, parallel_tasks=config.parallel_tasks,
+        adapt_offsets=config.adapt_offsets)
     return model, learner
 
 
