@@ -38,12 +38,13 @@ def episode(dtype, tasks=1, seed=0, way=WAY, query=QUERY):
 
 def make(dtype="float64", smooth=True, noise="meta_dropout", first_order=False,
          fused_bn=False, meta_sgd=False, inner_lr=0.4, seed=3, way=WAY,
-         inner_steps=2, bn_second_order=True):
+         inner_steps=2, bn_second_order=True, adapt_offsets=False):
     model = ConvNet("omniglot", way, noise=noise, smooth=smooth,
                     fused_bn=fused_bn, bn_second_order=bn_second_order,
                     seed=seed, dtype=dtype)
     learner = MetaLearner(model, inner_lr=inner_lr, inner_steps=inner_steps, meta_lr=1e-3,
-                          first_order=first_order, meta_sgd=meta_sgd)
+                          first_order=first_order, meta_sgd=meta_sgd,
+                          adapt_offsets=adapt_offsets)
     return model, learner
 
 
@@ -168,11 +169,15 @@ def test_forward_mode_matches_reverse_mode_on_the_real_network():
     assert along(grads, direction) == pytest.approx(jvp, rel=1e-8)
 
 
-def test_fused_float32_batch_norm_gives_the_same_meta_gradient():
+@pytest.mark.parametrize("adapt_offsets", [False, True])
+def test_fused_float32_batch_norm_gives_the_same_meta_gradient(adapt_offsets):
     """The fused kernel's second derivative agrees with explicit float64 ops
-    (MAML, since the noise draws differ between float32 and float64)."""
-    _, ref = make(smooth=False, dtype="float64", noise="none")
-    _, fused = make(smooth=False, dtype="float32", fused_bn=True, noise="none")
+    (MAML, since the noise draws differ between float32 and float64); with
+    the offsets adapted, this covers its gradient w.r.t. the offset's own
+    backward pass too."""
+    _, ref = make(smooth=False, dtype="float64", noise="none", adapt_offsets=adapt_offsets)
+    _, fused = make(smooth=False, dtype="float32", fused_bn=True, noise="none",
+                    adapt_offsets=adapt_offsets)
     for v64, v32 in zip(ref.variables_list, fused.variables_list):
         v32.assign(tf.cast(v64, tf.float32))
     g64 = gradient(ref, episode(tf.float64))
@@ -212,3 +217,54 @@ def test_fused_batch_norm_meta_gradient_at_real_shapes():
         # measured: at most 2.4e-4 of the gradient and 4e-4 of its second-order part
         assert err < 2e-3 * np.linalg.norm(ref[name]), name
         assert err < 1e-2 * np.linalg.norm(ref[name] - first[name]), name
+
+
+def test_adapted_offsets_meta_gradient_matches_finite_differences():
+    """``adapt_offsets``: β is adapted in the inner loop too, and the
+    second-order meta-gradient along θ and β still matches central finite
+    differences (float64, smooth network)."""
+    model, learner = make(adapt_offsets=True)
+    batch = episode(tf.float64)
+    grads = gradient(learner, batch)
+    for group in ("theta", "beta"):
+        direction = random_direction(GROUPS[group](model), seed=2)
+        analytic = along(grads, direction)
+        assert abs(analytic) > 1e-6
+        assert analytic == pytest.approx(directional_fd(learner, batch, direction),
+                                         rel=1e-6, abs=1e-10)
+    # The option changes the meta-gradient (β's most: it now also acts
+    # through the inner steps).
+    _, plain = make()
+    plain_grads = gradient(plain, batch)
+    for v in GROUPS["beta"](model):
+        diff = np.linalg.norm(grads[v.name].numpy() - plain_grads[v.name].numpy())
+        assert diff > 1e-3 * np.linalg.norm(plain_grads[v.name].numpy()), v.name
+
+
+def test_adapted_offsets_take_a_gradient_step():
+    """One inner step moves β by -α times the support loss's gradient w.r.t.
+    β, checked along a random direction against a central finite difference
+    of the support loss (MAML, float64); θ moves too, and without the option
+    the inner loop returns θ alone."""
+    from src.meta_learner import adapt, support_loss
+    model, learner = make(noise="none", adapt_offsets=True)
+    batch = episode(tf.float64)
+    x, y = batch["support_x"][0], batch["support_y"][0]
+    fast = adapt(model, model.params(), learner.inner_lr, x, y, steps=1,
+                 mc_samples=1, seed=SEED)
+    beta = model.group("beta")
+    assert set(fast) == set(model.group("theta")) | set(beta)
+    rng = np.random.default_rng(4)
+    direction = {k: rng.standard_normal(v.shape) for k, v in beta.items()}
+    step = sum(float(np.sum((fast[k].numpy() - beta[k].numpy()) * d))
+               for k, d in direction.items())
+
+    def loss_at(t):
+        moved = {k: beta[k] + t * d for k, d in direction.items()}
+        return float(support_loss(model, {**model.params(), **moved}, x, y, 1, SEED))
+    h = 1e-6
+    numeric = (loss_at(h) - loss_at(-h)) / (2 * h)
+    assert abs(numeric) > 1e-6
+    assert step == pytest.approx(-0.4 * numeric, rel=1e-6)
+    _, plain = make(noise="none")
+    assert set(plain.inner_lr) == set(model.group("theta"))

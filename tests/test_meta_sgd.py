@@ -35,3 +35,15 @@ def test_meta_sgd_step_sizes_receive_gradients_and_change():
     learner.train_step(batch, SEED)
     moved = [np.max(np.abs(lr.numpy() - 0.3)) for lr in learner.inner_lr.values()]
     assert min(moved) > 0
+
+
+def test_meta_sgd_learns_step_sizes_for_adapted_offsets():
+    """With ``adapt_offsets``, β gets learned step sizes of its shape too."""
+    model, learner = make(smooth=False, inner_lr=0.3, meta_sgd=True, adapt_offsets=True)
+    adapted = {**model.group("theta"), **model.group("beta")}
+    assert set(learner.inner_lr) == set(adapted)
+    for key, lr in learner.inner_lr.items():
+        assert lr.shape == adapted[key].shape
+    grads = gradient(learner, episode(tf.float64, tasks=2))
+    for key in model.group("beta"):
+        assert np.max(np.abs(grads[learner.inner_lr[key].name].numpy())) > 0
