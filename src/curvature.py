@@ -72,8 +72,16 @@ def float64_copy(config, model):
 
 
 def task_curvature(model, config, support_x, support_y, seed, iterations=30):
-    """(λ at θ, λ at θ_K) of one task; support_x [N, H, W, C] float64,
-    support_y int [N]."""
+    """Top eigenvalues of one task's support-loss Hessian w.r.t. θ.
+
+    Args:
+      model: a float64 ConvNet (θ, φ, β as trained).  config: its run's Config.
+      support_x: [N, H, W, C] float64; support_y: int [N].
+      seed: int [2] noise seed (meta-dropout's noise, fixed for every pass).
+      iterations: power-iteration steps.
+    Returns:
+      (λ at θ, λ at θ_K after the run's K inner steps of size α), floats.
+    """
     samples = meta_train_samples(config)
 
     def loss_fn(theta):
@@ -103,6 +111,7 @@ def main(argv=None):
             raise ConfigError("src.curvature handles MAML's inner loop on θ "
                               "(learner: maml, adapt_offsets: false)")
         checkpoint = find_checkpoint(args.workdir, args.checkpoint)
+        data_lib.check_run_data(config.data_dir, args.workdir)
         images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     except (ConfigError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
