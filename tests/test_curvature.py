@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from src.curvature import _hessian_vector_product, top_eigenvalue
 from src.meta_learner import support_loss
-from tests.test_cli import REPO, data_dir, ok, run, train_args  # noqa: F401 (fixture)
+from tests.test_cli import data_dir, ok, run, train_args  # noqa: F401 (data_dir: a fixture)
 from tests.test_gradients import SEED, episode, make
 
 
