@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from src import layers
-from src.meta_learner import MetaLearner
+from src.meta_learner import MetaLearner, adapt, support_loss
 from src.model import ConvNet
 
 WAY, QUERY = 2, 2
@@ -244,10 +244,10 @@ def test_adapted_offsets_meta_gradient_matches_finite_differences():
 def test_adapted_offsets_take_a_gradient_step():
     """One inner step moves β by -α times the support loss's gradient w.r.t.
     β, checked along a random direction against a central finite difference
-    of the support loss (MAML, float64); θ moves too, and without the option
-    the inner loop returns θ alone."""
-    from src.meta_learner import adapt, support_loss
-    model, learner = make(noise="none", adapt_offsets=True)
+    of the support loss (MAML, float64); the inner loop returns θ and β
+    with the option, θ alone without it."""
+    lr = 0.4
+    model, learner = make(noise="none", adapt_offsets=True, inner_lr=lr)
     batch = episode(tf.float64)
     x, y = batch["support_x"][0], batch["support_y"][0]
     fast = adapt(model, model.params(), learner.inner_lr, x, y, steps=1,
@@ -265,6 +265,6 @@ def test_adapted_offsets_take_a_gradient_step():
     h = 1e-6
     numeric = (loss_at(h) - loss_at(-h)) / (2 * h)
     assert abs(numeric) > 1e-6
-    assert step == pytest.approx(-0.4 * numeric, rel=1e-6)
+    assert step == pytest.approx(-lr * numeric, rel=1e-6)
     _, plain = make(noise="none")
     assert set(plain.inner_lr) == set(model.group("theta"))
