@@ -23,8 +23,7 @@ import tensorflow as tf
 from src import data as data_lib
 from src.config import ConfigError, load_config, meta_train_samples
 from src.meta_learner import adapt, support_loss
-from src.model import ConvNet
-from src.train import build, find_checkpoint, image_shape
+from src.train import build, converted_copy, find_checkpoint, image_shape
 
 
 def top_eigenvalue(loss_fn, params, iterations=30, seed=0):
@@ -60,15 +59,6 @@ def _hessian_vector_product(loss_fn, params, v):
         grads = inner.gradient(loss, params)
         directional = tf.add_n([tf.reduce_sum(grads[k] * v[k]) for k in params])
     return outer.gradient(directional, params)
-
-
-def float64_copy(config, model):
-    """A float64, explicit-batch-norm ConvNet holding ``model``'s weights."""
-    copy = ConvNet(config.dataset, config.way, noise=config.noise, fused_bn=False,
-                   seed=config.seed, dtype="float64")
-    for v, ref in zip(copy.params().values(), model.params().values()):
-        v.assign(tf.cast(ref, tf.float64))
-    return copy
 
 
 def task_curvature(model, config, support_x, support_y, seed, iterations=30):
@@ -115,9 +105,9 @@ def main(argv=None):
         images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     except (ConfigError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
-    model, learner = build(config)
+    _, learner = build(config)
     tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
-    model64 = float64_copy(config, model)
+    model64, _ = converted_copy(config, learner)
     sampler = data_lib.EpisodeSampler(images, image_shape(config), config.way,
                                       config.shot, config.query, seed=args.seed)
     print(f"{checkpoint}: inner lr α = {config.inner_lr}, K = {config.inner_steps}")

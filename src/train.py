@@ -54,12 +54,16 @@ def configure_tensorflow(config):
         tf.config.experimental.enable_op_determinism()
 
 
-def build(config):
-    """Model and meta-learner of a config (fresh variables, seeded)."""
+def build(config, dtype="float32", fused_bn=None):
+    """Model and meta-learner of a config (fresh variables, seeded).
+
+    ``dtype`` ('float64' for numerical checks) and ``fused_bn`` (None: the
+    config's) let a diagnostic rebuild a run in another precision.
+    """
     model = ConvNet(config.dataset, config.way, noise=config.noise,
-                    fused_bn=config.fused_bn,
+                    fused_bn=config.fused_bn if fused_bn is None else fused_bn,
                     bn_second_order=config.bn_second_order, seed=config.seed,
-                    init=config.init)
+                    init=config.init, dtype=dtype)
     learner = MetaLearner(
         model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,
         meta_lr=config.meta_lr, meta_sgd=config.learner == "meta_sgd",
@@ -68,6 +72,16 @@ def build(config):
         clip=config.clip, parallel_tasks=config.parallel_tasks,
         adapt_offsets=config.adapt_offsets)
     return model, learner
+
+
+def converted_copy(config, learner, dtype="float64", fused_bn=False):
+    """(model, learner) of ``config`` in ``dtype``, with explicit batch-norm
+    ops unless ``fused_bn``, holding ``learner``'s meta-parameters (for
+    numerical diagnostics of a trained run)."""
+    model, copy = build(config, dtype=dtype, fused_bn=fused_bn)
+    for v, ref in zip(copy.variables_list, learner.variables_list):
+        v.assign(tf.cast(ref, v.dtype))
+    return model, copy
 
 
 def make_checkpoint(learner, workdir):

@@ -1,0 +1,102 @@
+"""How far a run's float32 meta-gradient is from float64, at a checkpoint.
+
+    python -m src.precision --workdir runs/omniglot_1shot_maml [--checkpoint N] [--batches 3]
+
+On a few meta-training meta-batches, the run's meta-gradient (as it was
+trained: second order or not, meta-batch, inner steps) is computed at the
+checkpoint's weights three times: in float32 with the fused batch-norm
+kernel, in float32 with explicit batch-norm ops, and in float64 with
+explicit ops, the reference.  For each float32 variant it prints the
+meta-loss's relative difference from float64 and the relative error
+|g32 - g64| / |g64| (Euclidean norms per variable) over the variables:
+smallest, median, largest and which.  The conv biases are left out: batch
+norm subtracts them again, so their meta-gradient is zero up to rounding.
+
+Where the first inner step overshoots (α·λ well past 2, see
+``src.curvature``), the meta-loss amplifies rounding, and these errors
+grow.  MAML only: meta-dropout's noise is drawn in the model's dtype, so
+its float32 and float64 draws differ.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from src import data as data_lib
+from src.config import ConfigError, load_config
+from src.train import build, converted_copy, find_checkpoint, image_shape
+
+VARIANTS = {"float32, fused batch norm": ("float32", True),
+            "float32, explicit ops": ("float32", False)}
+
+
+def meta_gradient(learner, batch, seed):
+    """(meta-loss, {variable name: meta-gradient}) of ``learner`` on
+    ``batch`` (numpy arrays, cast to the learner's dtype), unclipped."""
+    dtype = learner.variables_list[0].dtype
+    batch = {k: tf.constant(v, dtype if k.endswith("_x") else None) for k, v in batch.items()}
+    loss, _, grads = learner.meta_gradients(batch, seed)
+    names = [v.name.split(":")[0] for v in learner.variables_list]
+    return float(loss), {n: np.asarray(g, np.float64) for n, g in zip(names, grads)}
+
+
+def relative_errors(grads, reference):
+    """{name: |g - ref| / |ref|} over the names of ``reference`` whose
+    gradient is not a conv bias's (zero up to rounding)."""
+    return {n: float(np.linalg.norm(grads[n] - ref) / np.linalg.norm(ref))
+            for n, ref in reference.items()
+            if not (n.startswith("block") and n.endswith("/bias"))}
+
+
+def summary(errors):
+    """'min / median / max (name of the max)' of an {name: error} dict."""
+    worst = max(errors, key=errors.get)
+    values = np.array(list(errors.values()))
+    return (f"{values.min():.2e} / {np.median(values):.2e} / {values.max():.2e} "
+            f"({worst})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="a trained run directory")
+    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
+                        help="the checkpoint of this iteration instead of the latest")
+    parser.add_argument("--batches", type=int, default=3, help="meta-training meta-batches")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the meta-batches")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(os.path.join(args.workdir, "config.yaml"))
+        if config.noise != "none":
+            raise ConfigError("src.precision compares float32 with float64 on the same "
+                              "weights and data, which needs a noise-free model (noise: none); "
+                              "meta-dropout's noise is drawn in the model's dtype")
+        checkpoint = find_checkpoint(args.workdir, args.checkpoint)
+        data_lib.check_run_data(config.data_dir, args.workdir)
+        images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
+    except (ConfigError, data_lib.DataError) as e:
+        sys.exit(f"error: {e}")
+    _, learner = build(config)
+    tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
+    reference = converted_copy(config, learner, "float64", False)[1]
+    variants = {name: converted_copy(config, learner, *how)[1]
+                for name, how in VARIANTS.items()}
+    sampler = data_lib.EpisodeSampler(images, image_shape(config), config.way,
+                                      config.shot, config.query, seed=args.seed,
+                                      shared_classes=config.shared_classes)
+    print(f"{checkpoint}: meta-batch {config.meta_batch}, K = {config.inner_steps}, "
+          f"α = {config.inner_lr}; relative error min / median / max (worst variable)")
+    seed = tf.constant([args.seed, 0], tf.int32)
+    for b in range(args.batches):
+        batch = sampler.sample(config.meta_batch)
+        loss64, grads64 = meta_gradient(reference, batch, seed)
+        for name, learner32 in variants.items():
+            loss32, grads32 = meta_gradient(learner32, batch, seed)
+            print(f"batch {b}, {name}: loss {abs(loss32 - loss64) / abs(loss64):.1e}; "
+                  f"gradient {summary(relative_errors(grads32, grads64))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
