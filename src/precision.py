@@ -4,13 +4,16 @@
 
 On a few meta-training meta-batches, the run's meta-gradient (as it was
 trained: second order or not, meta-batch, inner steps) is computed at the
-checkpoint's weights three times: in float32 with the fused batch-norm
-kernel, in float32 with explicit batch-norm ops, and in float64 with
-explicit ops, the reference.  For each float32 variant it prints the
-meta-loss's relative difference from float64 and the relative error
-|g32 - g64| / |g64| (Euclidean norms per variable) over the variables:
-smallest, median, largest and which.  The conv biases are left out: batch
-norm subtracts them again, so their meta-gradient is zero up to rounding.
+checkpoint's weights: in float64 with explicit batch-norm ops, the
+reference; in float32 with the fused batch-norm kernel (training's
+default); in float32 with explicit ops; and in float64 again at weights
+moved by the size of one float32 rounding (``move_by_rounding``), which
+measures how sensitive the meta-gradient is there.  For each variant it
+prints the meta-loss's relative difference from the reference and the
+relative error |g - g64| / |g64| (Euclidean norms per variable) over the
+variables: smallest, median, largest and which.  The conv biases are left
+out: batch norm subtracts them again, so their meta-gradient is zero up to
+rounding.
 
 Where the first inner step overshoots (α·λ well past 2, see
 ``src.curvature``), the meta-loss amplifies rounding, and these errors
@@ -29,8 +32,10 @@ from src import data as data_lib
 from src.config import ConfigError, load_config
 from src.train import build, converted_copy, find_checkpoint, image_shape
 
-VARIANTS = {"float32, fused batch norm": ("float32", True),
-            "float32, explicit ops": ("float32", False)}
+# name: (dtype, fused batch norm, weights moved by a float32 rounding)
+VARIANTS = {"float32, fused batch norm": ("float32", True, False),
+            "float32, explicit ops": ("float32", False, False),
+            "float64, weights moved by float32 rounding": ("float64", False, True)}
 
 
 def meta_gradient(learner, batch, seed):
@@ -41,6 +46,16 @@ def meta_gradient(learner, batch, seed):
     loss, _, grads = learner.meta_gradients(batch, seed)
     names = [v.name.split(":")[0] for v in learner.variables_list]
     return float(loss), {n: np.asarray(g, np.float64) for n, g in zip(names, grads)}
+
+
+def move_by_rounding(learner, seed=0):
+    """Multiplies every meta-parameter of a float64 ``learner`` by
+    (1 + 2^-24 u), u ~ U(-1, 1) seeded: the size of a float32 rounding.  If
+    that alone moves the float64 meta-gradient as much as float32 does, the
+    error comes from the meta-loss's sensitivity, not from an op."""
+    for i, v in enumerate(learner.variables_list):
+        u = tf.random.stateless_uniform(v.shape, [seed, i], -1.0, 1.0, v.dtype)
+        v.assign(v * (1.0 + 2.0 ** -24 * u))
 
 
 def relative_errors(grads, reference):
@@ -81,8 +96,11 @@ def main(argv=None):
     _, learner = build(config)
     tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
     reference = converted_copy(config, learner, "float64", False)[1]
-    variants = {name: converted_copy(config, learner, *how)[1]
-                for name, how in VARIANTS.items()}
+    variants = {name: converted_copy(config, learner, dtype, fused)[1]
+                for name, (dtype, fused, _) in VARIANTS.items()}
+    for name, (_, _, moved) in VARIANTS.items():
+        if moved:
+            move_by_rounding(variants[name])
     sampler = data_lib.EpisodeSampler(images, image_shape(config), config.way,
                                       config.shot, config.query, seed=args.seed,
                                       shared_classes=config.shared_classes)
@@ -92,10 +110,10 @@ def main(argv=None):
     for b in range(args.batches):
         batch = sampler.sample(config.meta_batch)
         loss64, grads64 = meta_gradient(reference, batch, seed)
-        for name, learner32 in variants.items():
-            loss32, grads32 = meta_gradient(learner32, batch, seed)
-            print(f"batch {b}, {name}: loss {abs(loss32 - loss64) / abs(loss64):.1e}; "
-                  f"gradient {summary(relative_errors(grads32, grads64))}", flush=True)
+        for name, variant in variants.items():
+            loss, grads = meta_gradient(variant, batch, seed)
+            print(f"batch {b}, {name}: loss {abs(loss - loss64) / abs(loss64):.1e}; "
+                  f"gradient {summary(relative_errors(grads, grads64))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """src.precision: the converted copies hold the run's weights (their
 meta-gradients agree with the float32 learner's own, which a copy that kept
-its fresh initialisation would not), and the CLI on a tiny trained run."""
+its fresh initialisation would not), the float32-sized move of the weights,
+and the CLI on a tiny trained run."""
 
 import re
 
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from src.config import load_config
-from src.precision import meta_gradient, relative_errors
+from src.precision import meta_gradient, move_by_rounding, relative_errors
 from src.train import build, converted_copy
 from tests.test_cli import REPO, data_dir, ok, run, train_args  # noqa: F401 (data_dir: a fixture)
 
@@ -37,6 +38,21 @@ def test_relative_errors_leave_out_the_conv_biases():
                                          "head/bias": 0.0}
 
 
+def test_move_by_rounding_stays_within_one_float32_rounding():
+    config = load_config(REPO / "yaml/omniglot_1shot_maml.yaml", SMALL)
+    _, learner = build(config)
+    _, copy = converted_copy(config, learner)
+    move_by_rounding(copy)
+    for v, ref in zip(copy.variables_list, learner.variables_list):
+        ref = ref.numpy()
+        moved = v.numpy() - ref.astype(np.float64)
+        assert np.all(np.abs(moved) <= 2.0 ** -24 * np.abs(ref)), v.name
+        if np.any(ref != 0):
+            assert np.count_nonzero(moved) > 0.9 * np.count_nonzero(ref), v.name
+            # Rounded back to float32, most weights are the checkpoint's again.
+            assert np.mean(v.numpy().astype(np.float32) == ref) > 0.5, v.name
+
+
 @pytest.mark.parametrize("dtype,fused", [("float64", False), ("float32", False),
                                          ("float32", True)])
 def test_converted_copy_has_the_learners_meta_gradient(dtype, fused):
@@ -61,11 +77,11 @@ def test_precision_cli_on_a_trained_run(tmp_path, data_dir):  # noqa: F811
     w = tmp_path / "run"
     ok(run("src.train", train_args(w, data_dir, "noise=none", "iterations=2")))
     proc = ok(run("src.precision", ["--workdir", str(w), "--batches", "2"]))
-    rows = re.findall(r"batch (\d), (float32, [a-z ]+): loss ([\d.e+-]+); gradient "
+    rows = re.findall(r"batch (\d), (float\d\d, [a-z0-9 ]+): loss ([\d.e+-]+); gradient "
                       r"([\d.e+-]+) / ([\d.e+-]+) / ([\d.e+-]+) \((\S+)\)", proc.stdout)
-    assert [(r[0], r[1]) for r in rows] == [
-        ("0", "float32, fused batch norm"), ("0", "float32, explicit ops"),
-        ("1", "float32, fused batch norm"), ("1", "float32, explicit ops")], proc.stdout
+    variants = ["float32, fused batch norm", "float32, explicit ops",
+                "float64, weights moved by float32 rounding"]
+    assert [(r[0], r[1]) for r in rows] == [(b, v) for b in "01" for v in variants], proc.stdout
     for _, _, loss, low, median, high, worst in rows:
         assert float(loss) < 1e-3
         assert float(low) <= float(median) <= float(high)
