@@ -15,9 +15,10 @@ variables: smallest, median, largest and which.  The conv biases are left
 out: batch norm subtracts them again, so their meta-gradient is zero up to
 rounding.
 
-Where the first inner step overshoots (α·λ well past 2, see
-``src.curvature``), the meta-loss amplifies rounding, and these errors
-grow.  MAML only: meta-dropout's noise is drawn in the model's dtype, so
+The last variant tells two sources of float32's error apart: a
+meta-gradient sensitive to its weights (the moved weights change it about
+as much as float32 does) or rounding inside the second-order computation
+(they change it far less).  MAML only: meta-dropout's noise is drawn in the model's dtype, so
 its float32 and float64 draws differ.
 """
 
