@@ -1,25 +1,25 @@
 """How far a run's float32 meta-gradient is from float64, at a checkpoint.
 
-    python -m src.precision --workdir runs/omniglot_1shot_maml [--checkpoint N] [--batches 3]
+    python -m src.precision --workdir runs/omniglot_1shot_maml [--checkpoint N] [--batches 3] [key=value ...]
 
 On a few meta-training meta-batches, the run's meta-gradient (as it was
-trained: second order or not, meta-batch, inner steps) is computed at the
-checkpoint's weights: in float64 with explicit batch-norm ops, the
-reference; in float32 with the fused batch-norm kernel (training's
-default); in float32 with explicit ops; and in float64 again at weights
-moved by the size of one float32 rounding (``move_by_rounding``), which
-measures how sensitive the meta-gradient is there.  For each variant it
-prints the meta-loss's relative difference from the reference and the
-relative error |g - g64| / |g64| (Euclidean norms per variable) over the
-variables: smallest, median, largest and which.  The conv biases are left
-out: batch norm subtracts them again, so their meta-gradient is zero up to
-rounding.
+trained: second order or not, meta-batch, inner steps; ``key=value``
+overrides change that, e.g. ``inner_steps=0`` for the plain gradient of
+the query loss at θ) is computed at the checkpoint's weights: in float64
+with explicit batch-norm ops, the reference; in float32 with the fused
+batch-norm kernel (training's default); in float32 with explicit ops; and
+in float64 again at weights moved by the size of one float32 rounding
+(``move_by_rounding``).  For each variant it prints the meta-loss's
+relative difference from the reference and the relative error
+|g - g64| / |g64| (Euclidean norms per variable) over the variables:
+smallest, median, largest and which.  The conv biases are left out: batch
+norm subtracts them again, so their meta-gradient is zero up to rounding.
 
 The last variant tells two sources of float32's error apart: a
 meta-gradient sensitive to its weights (the moved weights change it about
-as much as float32 does) or rounding inside the second-order computation
-(they change it far less).  MAML only: meta-dropout's noise is drawn in the model's dtype, so
-its float32 and float64 draws differ.
+as much as float32 does) or rounding inside the computation (they change
+it far less).  MAML only: meta-dropout's noise is drawn in the model's
+dtype, so its float32 and float64 draws differ.
 """
 
 import argparse
@@ -82,9 +82,11 @@ def main(argv=None):
                         help="the checkpoint of this iteration instead of the latest")
     parser.add_argument("--batches", type=int, default=3, help="meta-training meta-batches")
     parser.add_argument("--seed", type=int, default=7, help="seed of the meta-batches")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides of the computation, e.g. inner_steps=0")
     args = parser.parse_args(argv)
     try:
-        config = load_config(os.path.join(args.workdir, "config.yaml"))
+        config = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)
         if config.noise != "none":
             raise ConfigError("src.precision compares float32 with float64 on the same "
                               "weights and data, which needs a noise-free model (noise: none); "
