@@ -4,12 +4,11 @@
 
 On a few meta-training meta-batches, the run's meta-gradient (as it was
 trained: second order or not, meta-batch, inner steps; ``key=value``
-overrides change that, e.g. ``inner_steps=0`` for the plain gradient of
-the query loss at θ) is computed at the checkpoint's weights: in float64
-with explicit batch-norm ops, the reference; in float32 with the fused
-batch-norm kernel (training's default); in float32 with explicit ops; and
-in float64 again at weights moved by the size of one float32 rounding
-(``move_by_rounding``).  For each variant it prints the meta-loss's
+overrides change that, e.g. ``inner_steps=1``) is computed at the
+checkpoint's weights: in float64 with explicit batch-norm ops, the
+reference; in float32 with the fused batch-norm kernel (training's
+default); in float32 with explicit ops; and in float64 again at weights
+moved by the size of one float32 rounding (``move_by_rounding``).  For each variant it prints the meta-loss's
 relative difference from the reference and the relative error
 |g - g64| / |g64| (Euclidean norms per variable) over the variables:
 smallest, median, largest and which.  The conv biases are left out: batch
@@ -83,7 +82,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=3, help="meta-training meta-batches")
     parser.add_argument("--seed", type=int, default=7, help="seed of the meta-batches")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides of the computation, e.g. inner_steps=0")
+                        help="config overrides of the computation, e.g. inner_steps=1")
     args = parser.parse_args(argv)
     try:
         config = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)

@@ -86,8 +86,8 @@ def test_precision_cli_on_a_trained_run(tmp_path, data_dir):  # noqa: F811
         assert float(loss) < 1e-3
         assert float(low) <= float(median) <= float(high)
         assert not re.fullmatch(r"block\d/bias", worst)
-    proc = ok(run("src.precision", ["--workdir", str(w), "--batches", "1", "inner_steps=0"]))
-    assert "K = 0," in proc.stdout and proc.stdout.count("batch 0, ") == 3, proc.stdout
+    proc = ok(run("src.precision", ["--workdir", str(w), "--batches", "1", "inner_steps=3"]))
+    assert "K = 3," in proc.stdout and proc.stdout.count("batch 0, ") == 3, proc.stdout
     ok(run("src.train", train_args(tmp_path / "md", data_dir, "iterations=1")))
     proc = run("src.precision", ["--workdir", str(tmp_path / "md")])
     assert proc.returncode != 0 and "noise: none" in proc.stderr
