@@ -14,16 +14,15 @@ seed.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
 import tensorflow as tf
 
 from src import data as data_lib
-from src.config import ConfigError, load_config, meta_train_samples
+from src.config import ConfigError, meta_train_samples
 from src.meta_learner import adapt, support_loss
-from src.train import build, converted_copy, find_checkpoint, image_shape
+from src.train import converted_copy, image_shape, load_trained_run
 
 
 def top_eigenvalue(loss_fn, params, iterations=30, seed=0):
@@ -96,17 +95,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=7, help="seed of the tasks")
     args = parser.parse_args(argv)
     try:
-        config = load_config(os.path.join(args.workdir, "config.yaml"))
+        config, learner, checkpoint, images = load_trained_run(args.workdir, args.checkpoint)
         if config.learner != "maml" or config.adapt_offsets:
             raise ConfigError("src.curvature handles MAML's inner loop on θ "
                               "(learner: maml, adapt_offsets: false)")
-        checkpoint = find_checkpoint(args.workdir, args.checkpoint)
-        data_lib.check_run_data(config.data_dir, args.workdir)
-        images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     except (ConfigError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
-    _, learner = build(config)
-    tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
     model64, _ = converted_copy(config, learner)
     sampler = data_lib.EpisodeSampler(images, image_shape(config), config.way,
                                       config.shot, config.query, seed=args.seed)

@@ -22,15 +22,14 @@ dtype, so its float32 and float64 draws differ.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
 import tensorflow as tf
 
 from src import data as data_lib
-from src.config import ConfigError, load_config
-from src.train import build, converted_copy, find_checkpoint, image_shape
+from src.config import ConfigError
+from src.train import converted_copy, image_shape, load_trained_run
 
 # name: (dtype, fused batch norm, weights moved by a float32 rounding)
 VARIANTS = {"float32, fused batch norm": ("float32", True, False),
@@ -85,18 +84,14 @@ def main(argv=None):
                         help="config overrides of the computation, e.g. inner_steps=1")
     args = parser.parse_args(argv)
     try:
-        config = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)
+        config, learner, checkpoint, images = load_trained_run(
+            args.workdir, args.checkpoint, args.overrides)
         if config.noise != "none":
             raise ConfigError("src.precision compares float32 with float64 on the same "
                               "weights and data, which needs a noise-free model (noise: none); "
                               "meta-dropout's noise is drawn in the model's dtype")
-        checkpoint = find_checkpoint(args.workdir, args.checkpoint)
-        data_lib.check_run_data(config.data_dir, args.workdir)
-        images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     except (ConfigError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
-    _, learner = build(config)
-    tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
     reference = converted_copy(config, learner, "float64", False)[1]
     variants = {name: converted_copy(config, learner, dtype, fused)[1]
                 for name, (dtype, fused, _) in VARIANTS.items()}

@@ -134,6 +134,27 @@ def find_checkpoint(workdir, iteration=None):
                       "(ckpt_keep_every=N keeps every N-th for good)")
 
 
+def load_trained_run(workdir, iteration=None, overrides=()):
+    """A trained run, restored for a diagnostic (``src.curvature``,
+    ``src.precision``).
+
+    Args:
+      workdir: the run directory.  iteration: the checkpoint's iteration
+        (None: the latest).  overrides: 'key=value' config overrides.
+    Returns:
+      (config, learner restored from the checkpoint, checkpoint path,
+      meta-training images [classes, images, D]).
+    Raises ConfigError or DataError (e.g. data changed since training).
+    """
+    config = load_config(os.path.join(workdir, "config.yaml"), overrides)
+    checkpoint = find_checkpoint(workdir, iteration)
+    data_lib.check_run_data(config.data_dir, workdir)
+    images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
+    _, learner = build(config)
+    tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
+    return config, learner, checkpoint, images
+
+
 def checkpoint_iterations(workdir):
     """Sorted iterations of the checkpoints in checkpoints/ and checkpoints/kept/."""
     pattern, found = re.compile(r"^ckpt-(\d+)\.index$"), set()
