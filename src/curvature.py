@@ -7,8 +7,7 @@ of the support loss's Hessian w.r.t. θ, at the meta-learned θ and at θ_K
 after the K inner steps, with α·λ.  An inner SGD step of size α contracts
 the loss along an eigen-direction only if |1 - α·λ| < 1, i.e. 0 < α·λ < 2;
 α·λ well past 2 at θ means the first inner step overshoots along that
-direction, and the meta-loss is then very sensitive to θ (rounding
-included).  Computed in float64 with explicit batch-norm ops, from the
+direction.  Computed in float64 with explicit batch-norm ops, from the
 float32 checkpoint; the noise, for meta-dropout, is sampled with a fixed
 seed.
 """

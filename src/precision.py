@@ -8,10 +8,10 @@ overrides change that, e.g. ``inner_steps=1``) is computed at the
 checkpoint's weights: in float64 with explicit batch-norm ops, the
 reference; in float32 with the fused batch-norm kernel (training's
 default); in float32 with explicit ops; and in float64 again at weights
-moved by the size of one float32 rounding (``move_by_rounding``).  For each variant it prints the meta-loss's
-relative difference from the reference and the relative error
-|g - g64| / |g64| (Euclidean norms per variable) over the variables:
-smallest, median, largest and which.  The conv biases are left out: batch
+moved by the size of one float32 rounding (``move_by_rounding``).  For
+each variant it prints the meta-loss's relative difference from the
+reference and the relative error |g - g64| / |g64| (Euclidean norms per
+variable) over the variables: smallest, median, largest and which.  The conv biases are left out: batch
 norm subtracts them again, so their meta-gradient is zero up to rounding.
 
 The last variant tells two sources of float32's error apart: a
@@ -93,9 +93,9 @@ def main(argv=None):
     except (ConfigError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
     reference = converted_copy(config, learner, "float64", False)[1]
-    variants = {name: converted_copy(config, learner, dtype, fused)[1]
-                for name, (dtype, fused, _) in VARIANTS.items()}
-    for name, (_, _, moved) in VARIANTS.items():
+    variants = {}
+    for name, (dtype, fused, moved) in VARIANTS.items():
+        variants[name] = converted_copy(config, learner, dtype, fused)[1]
         if moved:
             move_by_rounding(variants[name])
     sampler = data_lib.EpisodeSampler(images, image_shape(config), config.way,
