@@ -36,7 +36,7 @@ class Config:
     # Meta-learning.
     inner_steps: int = 5             # K
     inner_lr: float = 0.1            # α (Meta-SGD: initial value)
-    meta_lr: float = 1e-3            # Adam
+    meta_lr: float = 3e-4            # Adam (MAML's yamls: 1e-3)
     meta_batch: int = 4              # tasks per meta-iteration
     iterations: int = 60000
     first_order: bool = False        # first-order MAML (never the default)

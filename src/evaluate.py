@@ -38,7 +38,7 @@ from src import records
 from src.config import ConfigError, load_config, meta_test_samples
 from src.report import latest_checkpoint, summarize
 from src.train import (build, configure_tensorflow, evaluate_episodes, find_checkpoint,
-                       make_checkpoint)
+                       make_checkpoint, restore_trained)
 
 
 def evaluate(config, workdir, iteration=None):
@@ -52,7 +52,7 @@ def evaluate(config, workdir, iteration=None):
     configure_tensorflow(config)
     model, learner = build(config)
     ckpt, _, step, _ = make_checkpoint(learner, workdir)
-    ckpt.restore(checkpoint).expect_partial()
+    restore_trained(ckpt, checkpoint)
 
     images = data_lib.load_split(os.path.join(config.data_dir, "test.npy"))
     config_dict = dataclasses.asdict(config)

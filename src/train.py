@@ -48,8 +48,12 @@ def configure_tensorflow(config):
     try:
         tf.config.threading.set_intra_op_parallelism_threads(config.intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
-    except RuntimeError:
-        pass  # already initialised (several runs in one process, e.g. tests)
+    except RuntimeError:  # already initialised (several runs in one process)
+        if (config.deterministic_ops
+                and tf.config.threading.get_inter_op_parallelism_threads() != 1):
+            raise ConfigError("deterministic_ops=true needs one inter-op thread, but "
+                              "TensorFlow was initialised in this process before; "
+                              "run it in a fresh process") from None
     if config.deterministic_ops:
         tf.config.experimental.enable_op_determinism()
 
@@ -151,8 +155,30 @@ def load_trained_run(workdir, iteration=None, overrides=()):
     data_lib.check_run_data(config.data_dir, workdir)
     images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     _, learner = build(config)
-    tf.train.Checkpoint(learner=learner).restore(checkpoint).expect_partial()
+    restore_trained(tf.train.Checkpoint(learner=learner), checkpoint)
     return config, learner, checkpoint, images
+
+
+def restore_trained(ckpt, path):
+    """Restores ``ckpt`` (a tf.train.Checkpoint over a learner, optionally
+    with step and sampler state) from the checkpoint file prefix ``path``,
+    requiring every variable it tracks to be in the file.
+
+    Raises ConfigError otherwise: an override that changes the model
+    (``noise=meta_dropout`` on a MAML run, ``learner=meta_sgd``) must not
+    test freshly initialised variables, nor misplaced ones.
+    """
+    try:
+        status = ckpt.restore(path)
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        names = re.findall(r"tf\.Variable '([^':]+)|name (\S+?):0", str(e))
+        names = [a or b for a, b in names]
+        raise ConfigError(
+            f"{path} does not hold the model this config builds (unmatched: "
+            f"{', '.join(names[:4]) or 'see the checkpoint'}); an override such "
+            "as noise= or learner= changes the model the run trained") from None
+    status.expect_partial()
 
 
 def checkpoint_iterations(workdir):
@@ -257,7 +283,8 @@ class Logger:
 def train(config, workdir):
     """Meta-trains ``config`` in ``workdir``, resuming if it has checkpoints.
 
-    Returns the number of iterations trained.
+    Returns the iteration reached (``config.iterations``; iterations trained
+    before a resume count too).
     """
     os.makedirs(workdir, exist_ok=True)
     _check_resume(config, workdir)

@@ -32,11 +32,11 @@ def write(path, mapping_or_text):
 def test_defaults_are_the_official_omniglot_1shot_metadrop_settings():
     """load_config() with no file equals Config() and holds the documented
     defaults (20-way 1-shot, K=5, 15 query, meta-batch 4, 60000 iterations,
-    clip 3, meta-dropout, second order, S=30 at test, 1000 test episodes)."""
+    clip 3, meta lr 3e-4, meta-dropout, second order, S=30 at test, 1000 test episodes)."""
     c = load_config()
     assert c == Config()
     expected = dict(dataset="omniglot", way=20, shot=1, query=15, inner_steps=5,
-                    inner_lr=0.1, meta_batch=4, iterations=60000, clip=3.0,
+                    inner_lr=0.1, meta_lr=3e-4, meta_batch=4, iterations=60000, clip=3.0,
                     noise="meta_dropout", learner="maml", first_order=False,
                     mc_samples=1, test_mc_samples=30, test_episodes=1000,
                     shared_classes=True, deterministic_ops=False,
