@@ -18,6 +18,8 @@ eval_batch) still evaluate the run as trained and write results.json.
 Overrides of any other key that can change an accuracy (inner_lr,
 inner_steps, ...) evaluate a variant: its results go to
 results.<key=value,...>.json, and its record sits beside the run's own.
+An override that changes the model's variables (noise=, learner=) is an
+error (``train.restore_trained``).
 
 ``--checkpoint N`` tests the run's checkpoint of iteration N instead of the
 latest (the last three are in checkpoints/; a run trained with
