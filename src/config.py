@@ -32,6 +32,7 @@ class Config:
     learner: str = "maml"            # maml | meta_sgd (learned inner step sizes)
     fused_bn: bool = True            # fused batch-norm kernel (float32)
     init: str = "original"           # kernel initialisers: original (std 0.02) | glorot_uniform | pytorch_default
+    bn_epsilon: float = 1e-3         # batch norm's variance epsilon (the original code's)
 
     # Meta-learning.
     inner_steps: int = 5             # K
@@ -72,7 +73,7 @@ CHOICES = {
 }
 NON_NEGATIVE = ("seed", "test_seed", "clip", "val_every", "ckpt_keep_every",
                 "intra_op_threads", "inter_op_threads", "parallel_tasks")
-POSITIVE = ("inner_lr", "meta_lr", "way", "shot", "query", "inner_steps", "meta_batch", "iterations",
+POSITIVE = ("inner_lr", "meta_lr", "bn_epsilon", "way", "shot", "query", "inner_steps", "meta_batch", "iterations",
             "mc_samples", "log_every", "ckpt_every", "val_episodes",
             "test_episodes", "test_mc_samples", "eval_batch")
 

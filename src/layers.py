@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from src import noise as noise_lib
 
-BN_EPSILON = 1e-3
+BN_EPSILON = 1e-3  # tf.contrib.layers.batch_norm's default, the original code's
 
 
 def conv_init(seed):
@@ -54,7 +54,8 @@ def kernel_initializer(kind, init, seed):
     return {"conv": conv_init, "dense": dense_init}[kind](seed)
 
 
-def batch_norm(x, offset, groups=1, fused=True, second_order=True):
+def batch_norm(x, offset, groups=1, fused=True, second_order=True,
+               epsilon=BN_EPSILON):
     """Transductive batch norm (batch statistics, centre only, no scale).
 
     Args:
@@ -75,16 +76,23 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True):
         inner loop ran inside ``tf.map_fn``, and inside a v1 while loop the
         gradient of ``FusedBatchNormGrad`` comes out as None, so every
         second-order term through batch norm's backward pass was dropped.
+      epsilon: added to the variance.  It is not negligible at the original
+        initialisation: block 1's pre-activations (std-0.02 kernels on
+        Omniglot's 0/1 pixels) have per-channel variances of 3e-5 to 6e-4
+        (median 1.6e-4, measured), so with 1e-3 that block's outputs have
+        a std of about 0.4, not 1, and scale with its kernel.
     Returns:
       [G*N, H, W, C], normalised and shifted by ``offset``.
     """
     if fused and x.dtype == tf.float32:
         if groups == 1:
-            return _fused_batch_norm(x, offset, second_order)
-        return _grouped_fused_batch_norm(x, offset, groups, second_order)
+            return _fused_batch_norm(x, offset, second_order, epsilon)
+        return _grouped_fused_batch_norm(x, offset, groups, second_order,
+                                         epsilon)
     if not second_order:
         return _constant_backward(
-            lambda x_, o_: batch_norm(x_, o_, groups, fused), x, offset)
+            lambda x_, o_: batch_norm(x_, o_, groups, fused, epsilon=epsilon),
+            x, offset)
     shape = tf.shape(x)
     xg = tf.reshape(x, tf.concat([[groups, -1], shape[1:]], 0))
     # Two passes (mean, then the centred variance) rather than
@@ -93,7 +101,7 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True):
     mean = tf.reduce_mean(xg, axis=[1, 2, 3], keepdims=True)
     centred = xg - mean
     var = tf.reduce_mean(tf.square(centred), axis=[1, 2, 3], keepdims=True)
-    y = centred * tf.math.rsqrt(var + BN_EPSILON) + offset
+    y = centred * tf.math.rsqrt(var + epsilon) + offset
     return tf.reshape(y, shape)
 
 
@@ -116,7 +124,7 @@ def _constant_backward(fn, x, offset):
     return layer(x, offset)
 
 
-def _fused_batch_norm(x, offset, second_order):
+def _fused_batch_norm(x, offset, second_order, epsilon):
     """``FusedBatchNormV3`` (scale 1, batch statistics) whose backward pass is
     ``FusedBatchNormGradV3`` on the forward's saved statistics, and whose
     backward pass has in turn the closed-form gradient of
@@ -129,17 +137,18 @@ def _fused_batch_norm(x, offset, second_order):
         empty = tf.constant([], x.dtype)
         y, _, _, saved_mean, saved_var, saved = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=scale, offset=offset, mean=empty, variance=empty,
-            epsilon=BN_EPSILON, is_training=True)
+            epsilon=epsilon, is_training=True)
 
         @tf.custom_gradient
         def backward(dy, x):
             dx, _, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy, x=x, scale=scale, reserve_space_1=saved_mean,
                 reserve_space_2=saved_var, reserve_space_3=saved,
-                epsilon=BN_EPSILON, is_training=True)
+                epsilon=epsilon, is_training=True)
 
             def backward_grad(g_dx, g_doffset):
-                return _batch_norm_backward_grad(dy, x, g_dx, g_doffset)
+                return _batch_norm_backward_grad(dy, x, g_dx, g_doffset,
+                                                 epsilon)
             return (dx, doffset), backward_grad
 
         def grad(dy):
@@ -151,7 +160,7 @@ def _fused_batch_norm(x, offset, second_order):
     return layer(x, offset)
 
 
-def _grouped_fused_batch_norm(x, offset, groups, second_order):
+def _grouped_fused_batch_norm(x, offset, groups, second_order, epsilon):
     """``_fused_batch_norm`` with one set of statistics per stacked pass: the
     G passes move into the channel axis ([G*N, H, W, C] -> [N, H, W, G*C]),
     where the kernel's per-channel statistics are per pass and channel.
@@ -162,12 +171,13 @@ def _grouped_fused_batch_norm(x, offset, groups, second_order):
     per_pass = tf.reshape(x, [groups, -1, h, w, c])
     wide = tf.reshape(tf.transpose(per_pass, [1, 2, 3, 0, 4]),
                       [-1, h, w, groups * c])
-    y = _fused_batch_norm(wide, tf.tile(offset, [groups]), second_order)
+    y = _fused_batch_norm(wide, tf.tile(offset, [groups]), second_order,
+                          epsilon)
     y = tf.transpose(tf.reshape(y, [-1, h, w, groups, c]), [3, 0, 1, 2, 4])
     return tf.reshape(y, shape)
 
 
-def _batch_norm_backward_grad(dy, x, g, g_offset):
+def _batch_norm_backward_grad(dy, x, g, g_offset, epsilon):
     """Gradient of batch norm's backward pass, in closed form.
 
     The backward pass of y = (x - m) r + offset, r = (var + eps)^-1/2 (per
@@ -190,7 +200,7 @@ def _batch_norm_backward_grad(dy, x, g, g_offset):
     # meaning depends on the device (the variance on CPU, its inverse square
     # root under cuDNN).
     c = x - tf.reduce_mean(x, axes)
-    r = tf.math.rsqrt(tf.reduce_mean(tf.square(c), axes) + BN_EPSILON)
+    r = tf.math.rsqrt(tf.reduce_mean(tf.square(c), axes) + epsilon)
     m = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
     g_c = g - tf.reduce_mean(g, axes)
     dy_c = dy - tf.reduce_mean(dy, axes)
@@ -285,13 +295,15 @@ class ConvBlock(_ParamLayer):
     """
 
     def __init__(self, channels, noise="none", smooth=False, fused_bn=True,
-                 bn_second_order=True, seed=0, init="original", **kwargs):
+                 bn_second_order=True, bn_epsilon=BN_EPSILON, seed=0,
+                 init="original", **kwargs):
         super().__init__(seed=seed, init=init, **kwargs)
         self.channels = channels
         self.noise = noise_lib.make_block_noise(noise)
         self.smooth = smooth
         self.fused_bn = fused_bn
         self.bn_second_order = bn_second_order
+        self.bn_epsilon = bn_epsilon
 
     def build(self, input_shape):
         cin = int(input_shape[-1])
@@ -321,7 +333,8 @@ class ConvBlock(_ParamLayer):
             h, [(p["kernel"], p["bias"])] + self.noise.input_maps(p), conv3x3)
         x = self.noise(h, mu, maps, p, sample=sample, seed=seed, taps=taps)
         x = batch_norm(x, p["offset"], groups=groups, fused=self.fused_bn,
-                       second_order=self.bn_second_order)
+                       second_order=self.bn_second_order,
+                       epsilon=self.bn_epsilon)
         if self.smooth:
             x = tf.nn.softplus(x)
             return tf.nn.avg_pool2d(x, 2, 2, "VALID")

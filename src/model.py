@@ -7,7 +7,7 @@ the network any mix of variables and adapted tensors.
 
 import tensorflow as tf
 
-from src.layers import ConvBlock, DenseHead
+from src.layers import BN_EPSILON, ConvBlock, DenseHead
 
 # (input shape, channels) of the two datasets.
 DATASETS = {"omniglot": ((28, 28, 1), 64), "miniimagenet": ((84, 84, 3), 32)}
@@ -28,6 +28,7 @@ class ConvNet(tf.keras.Model):
       bn_second_order: False drops the second-order terms through batch
         norm's backward pass, as the authors' TF1 code did (see
         ``layers.batch_norm``).
+      bn_epsilon: batch norm's variance epsilon (the original code's 1e-3).
       seed: initialisation seed; every weight gets its own draw.
       init: kernel initialisers, 'original' (std 0.02), 'glorot_uniform'
         or 'pytorch_default' (see ``layers.kernel_initializer``).
@@ -35,13 +36,14 @@ class ConvNet(tf.keras.Model):
     """
 
     def __init__(self, dataset, way, noise="none", smooth=False, fused_bn=True,
-                 bn_second_order=True, seed=0, init="original",
-                 dtype="float32"):
+                 bn_second_order=True, bn_epsilon=BN_EPSILON, seed=0,
+                 init="original", dtype="float32"):
         super().__init__(name="convnet", dtype=dtype)
         self.input_shape_hwc, channels = DATASETS[dataset]
         self.blocks = [
             ConvBlock(channels, noise=noise, smooth=smooth, fused_bn=fused_bn,
-                      bn_second_order=bn_second_order, seed=seed * 10 + i,
+                      bn_second_order=bn_second_order, bn_epsilon=bn_epsilon,
+                      seed=seed * 10 + i,
                       init=init, name=f"block{i + 1}", dtype=dtype)
             for i in range(NUM_BLOCKS)]
         self.head = DenseHead(way, noise=noise, seed=seed * 10 + NUM_BLOCKS,

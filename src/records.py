@@ -35,7 +35,7 @@ PROTOCOL = ("test_episodes", "test_mc_samples", "test_seed", "eval_batch")
 # Keys added after records were first written, with their defaults: a key
 # at its default is left out, so that the older records stay valid; any
 # other value is part of the key.
-LATER_KEYS = {"adapt_offsets": False}
+LATER_KEYS = {"adapt_offsets": False, "bn_epsilon": 1e-3}
 
 
 def record_key(config, checkpoint, data):

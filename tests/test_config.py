@@ -40,7 +40,7 @@ def test_defaults_are_the_official_omniglot_1shot_metadrop_settings():
                     noise="meta_dropout", learner="maml", first_order=False,
                     mc_samples=1, test_mc_samples=30, test_episodes=1000,
                     shared_classes=True, deterministic_ops=False,
-                    bn_second_order=True)
+                    bn_second_order=True, bn_epsilon=1e-3)
     for key, value in expected.items():
         assert getattr(c, key) == value, key
         assert type(getattr(c, key)) is type(value), key

@@ -550,34 +550,47 @@ def test_batch_norm_float64_explicit_exact():
     np.testing.assert_allclose(out.numpy(), bn_reference(x, offset), atol=1e-10)
 
 
-def _bn_double_backward(x, dy, g, g_offset, offset, fused, groups=1):
+def _bn_double_backward(x, dy, g, g_offset, offset, fused, groups=1,
+                        epsilon=BN_EPSILON):
     """Gradients (w.r.t. x, dy) of <g, dx> + <g_offset, d offset>, where dx,
     d offset is the batch norm's backward pass for the output gradient dy."""
     with tf.GradientTape() as outer:
         outer.watch([x, dy])
         with tf.GradientTape() as inner:
             inner.watch([x, offset])
-            y = batch_norm(x, offset, groups=groups, fused=fused)
+            y = batch_norm(x, offset, groups=groups, fused=fused, epsilon=epsilon)
         dx, doffset = inner.gradient(y, [x, offset], output_gradients=dy)
     return [dx, doffset] + outer.gradient([dx, doffset], [x, dy],
                                           output_gradients=[g, g_offset])
 
 
-@pytest.mark.parametrize("shape,groups", [((20, 14, 14, 16), 1), ((300, 3, 3, 16), 1),
-                                          ((20, 1, 1, 16), 1), ((3 * 10, 7, 7, 16), 3)])
-def test_fused_batch_norm_second_derivative_matches_explicit_float64(shape, groups):
+@pytest.mark.parametrize("shape,groups,spread,epsilon", [
+    ((20, 14, 14, 16), 1, 1.0, BN_EPSILON), ((300, 3, 3, 16), 1, 1.0, BN_EPSILON),
+    ((20, 1, 1, 16), 1, 1.0, BN_EPSILON), ((3 * 10, 7, 7, 16), 3, 1.0, BN_EPSILON),
+    ((20, 14, 14, 16), 1, 0.02, BN_EPSILON), ((20, 14, 14, 16), 1, 0.02, 1e-5)])
+def test_fused_batch_norm_second_derivative_matches_explicit_float64(
+        shape, groups, spread, epsilon):
     """The fused path's closed-form gradient of the backward pass (float32)
     equals autodiff through the explicit ops in float64, to float32
     rounding: this is the term second-order MAML needs from batch norm.
     With groups > 1 (stacked Monte-Carlo passes) the fused path moves the
-    passes into the channel axis; the reference normalises each pass alone."""
+    passes into the channel axis; the reference normalises each pass alone.
+    ``spread`` 0.02 puts the channel variances near epsilon (as in block 1
+    at initialisation), where epsilon's value changes the result."""
     rng = np.random.default_rng(8)
-    x = rng.normal(size=shape) * rng.uniform(0.1, 3.0, size=shape[-1]) + rng.uniform(-2, 2, size=shape[-1])
+    x = (rng.normal(size=shape) * rng.uniform(0.1, 3.0, size=shape[-1])
+         + rng.uniform(-2, 2, size=shape[-1])) * spread
     dy, g = rng.normal(size=shape), rng.normal(size=shape)
     g_offset, offset = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
     args = lambda dtype: [tf.constant(a, dtype) for a in (x, dy, g, g_offset, offset)]
-    ref = _bn_double_backward(*args(tf.float64), fused=False, groups=groups)
-    out = _bn_double_backward(*args(tf.float32), fused=True, groups=groups)
+    ref = _bn_double_backward(*args(tf.float64), fused=False, groups=groups,
+                              epsilon=epsilon)
+    out = _bn_double_backward(*args(tf.float32), fused=True, groups=groups,
+                              epsilon=epsilon)
+    if spread < 1.0:  # the other epsilon gives a visibly different answer
+        other = _bn_double_backward(*args(tf.float64), fused=False, groups=groups,
+                                    epsilon=1e-5 if epsilon == BN_EPSILON else BN_EPSILON)
+        assert np.linalg.norm(other[2].numpy() - ref[2].numpy()) > 0.1 * np.linalg.norm(ref[2].numpy())
     for name, o, r in zip(["dx", "d offset", "d x", "d dy"], out, ref):
         r = r.numpy()
         err = np.linalg.norm(o.numpy().astype(np.float64) - r)
@@ -604,18 +617,38 @@ def test_batch_norm_groups_equal_separate_calls(fused):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_batch_norm_output_moments(fused):
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-5])
+def test_batch_norm_output_moments(fused, epsilon):
     """After normalisation each channel has mean = offset and variance
-    var / (var + 1e-3) (so < 1 for channels whose variance is near eps)."""
+    var / (var + eps) (so < 1 for channels whose variance is near eps)."""
     rng = np.random.default_rng(9)
     x = bn_input(rng, n=20)
+    if epsilon < 1e-3:
+        x = x / 10.0  # bring the smallest variances near this epsilon
     offset = rng.normal(size=16).astype(np.float32)
-    y = batch_norm(tf.constant(x), tf.constant(offset), fused=fused).numpy()
+    y = batch_norm(tf.constant(x), tf.constant(offset), fused=fused,
+                   epsilon=epsilon).numpy()
     y = y.astype(np.float64)
     var_in = x.astype(np.float64).var((0, 1, 2))
     np.testing.assert_allclose(y.mean((0, 1, 2)), offset, atol=1e-5)
-    np.testing.assert_allclose(y.var((0, 1, 2)), var_in / (var_in + 1e-3), atol=1e-5)
-    assert (var_in / (var_in + 1e-3)).min() < 0.5  # eps visibly matters
+    np.testing.assert_allclose(y.var((0, 1, 2)), var_in / (var_in + epsilon), atol=1e-5)
+    assert (var_in / (var_in + epsilon)).min() < 0.5  # eps visibly matters
+
+
+def test_bn_epsilon_key_reaches_every_block():
+    """The config key ``bn_epsilon`` is the epsilon of all four blocks, and
+    it changes the logits of Omniglot-like inputs at initialisation (block
+    1's pre-activation variance is near 1e-3 there)."""
+    from src.config import load_config
+    from src.train import build
+    rng = np.random.default_rng(12)
+    x = tf.constant((rng.uniform(size=(10, 28, 28, 1)) < 0.1).astype(np.float32))
+    logits = {}
+    for eps in (1e-3, 1e-5):
+        model, _ = build(load_config(None, ["noise=none", "way=5", f"bn_epsilon={eps}"]))
+        assert [b.bn_epsilon for b in model.blocks] == [eps] * 4
+        logits[eps] = model.forward(x).numpy()
+    assert np.abs(logits[1e-3] - logits[1e-5]).max() > 0.1 * np.abs(logits[1e-3]).max()
 
 
 def test_batch_norm_explicit_large_mean_relative_to_std():
