@@ -118,11 +118,12 @@ def test_first_order_fails_the_finite_difference_check(smooth_setup):
         assert np.all(fo_grads[v.name].numpy() == 0.0)
 
 
-def moments_batch_norm(x, offset, groups=1, fused=True, second_order=True):
+def moments_batch_norm(x, offset, groups=1, fused=True, second_order=True,
+                       epsilon=layers.BN_EPSILON):
     """Batch norm through tf.nn.moments: its variance uses stop_gradient(mean),
     right in value and first derivative, wrong in the second."""
     mean, var = tf.nn.moments(x, axes=[0, 1, 2], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(var + layers.BN_EPSILON) + offset
+    return (x - mean) * tf.math.rsqrt(var + epsilon) + offset
 
 
 def test_stopped_mean_batch_norm_fails_the_finite_difference_check(monkeypatch):
