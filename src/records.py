@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from src.config import Config
+
 FILENAME = "test_accuracies.json"
 
 # Config keys that cannot change a test accuracy (run length, logging,
@@ -35,7 +37,7 @@ PROTOCOL = ("test_episodes", "test_mc_samples", "test_seed", "eval_batch")
 # Keys added after records were first written, with their defaults: a key
 # at its default is left out, so that the older records stay valid; any
 # other value is part of the key.
-LATER_KEYS = {"adapt_offsets": False, "bn_epsilon": 1e-3}
+LATER_KEYS = {k: getattr(Config, k) for k in ("adapt_offsets", "bn_epsilon")}
 
 
 def record_key(config, checkpoint, data):
