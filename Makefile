@@ -164,7 +164,8 @@ test-slow: venv
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no slow tests" >&2; fi; \
 	exit $$rc
 
-# Default: Omniglot settings; e.g. BENCH_ARGS="--settings miniimagenet_1shot,miniimagenet_5shot"
-# (synthetic episodes: no dataset needed).
+# Default: the four settings (Omniglot and miniImageNet, 1- and 5-shot) x MAML and
+# meta-dropout; e.g. BENCH_ARGS="--settings omniglot_1shot,omniglot_5shot" for two
+# (synthetic episodes: no dataset needed). The report is rewritten after each entry.
 bench: venv
 	$(PY) -m src.bench $(BENCH_ARGS)

@@ -406,6 +406,23 @@ def parse_args(argv):
     return args
 
 
+def write_report(args, machine, results):
+    """Writes ``args.out``: the machine, the arguments and the result entries so far."""
+    report = {
+        "data": DATA_NOTE,
+        "machine": machine,
+        "args": {k: getattr(args, k) for k in
+                 ("settings", "models", "iters", "warmup", "eval", "eval_iters",
+                  "profile", "set")},
+        "complete": len(results) == len(args.settings) * len(args.models),
+        "results": results,
+    }
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
@@ -438,20 +455,14 @@ def main(argv=None):
             if "error" in entry:
                 print(f"  error: {entry['error']}\n{entry.get('stderr_tail', '')}",
                       file=sys.stderr, flush=True)
+            else:
+                t = entry["train"]
+                print(f"  {_fmt(t.get('median_s'))} s/iter, {entry['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
             results.append(entry)
+            # Written after every entry, so an interrupted benchmark keeps what it measured.
+            write_report(args, machine, results)
 
-    report = {
-        "data": DATA_NOTE,
-        "machine": machine,
-        "args": {k: getattr(args, k) for k in
-                 ("settings", "models", "iters", "warmup", "eval", "eval_iters",
-                  "profile", "set")},
-        "results": results,
-    }
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
     env = machine["env"]
     threads = next((r["threads"] for r in results if "threads" in r), {})
     print(f"{machine['cpu_model']}, {machine['cpus_usable']} CPUs, "

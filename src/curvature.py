@@ -12,7 +12,6 @@ float32 checkpoint; the noise, for meta-dropout, is sampled with a fixed
 seed.
 """
 
-import argparse
 import sys
 
 import numpy as np
@@ -21,7 +20,7 @@ import tensorflow as tf
 from src import data as data_lib
 from src.config import ConfigError, meta_train_samples
 from src.meta_learner import adapt, support_loss
-from src.train import converted_copy, image_shape, load_trained_run
+from src.train import converted_copy, image_shape, load_trained_run, trained_run_parser
 
 
 def top_eigenvalue(loss_fn, params, iterations=30, seed=0):
@@ -85,10 +84,7 @@ def task_curvature(model, config, support_x, support_y, seed, iterations=30):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a trained run directory")
-    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
-                        help="the checkpoint of this iteration instead of the latest")
+    parser = trained_run_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=3, help="meta-training tasks")
     parser.add_argument("--iterations", type=int, default=30, help="power-iteration steps")
     parser.add_argument("--seed", type=int, default=7, help="seed of the tasks")

@@ -28,7 +28,6 @@ latest, its results go to results.ckpt-N.json (results.ckpt-N.<variant>.json
 with overrides), which ``src.report`` accepts in place of a workdir.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -40,7 +39,7 @@ from src import records
 from src.config import ConfigError, load_config, meta_test_samples
 from src.report import latest_checkpoint, summarize
 from src.train import (build, configure_tensorflow, evaluate_episodes, find_checkpoint,
-                       make_checkpoint, restore_trained)
+                       make_checkpoint, restore_trained, trained_run_parser)
 
 
 def evaluate(config, workdir, iteration=None):
@@ -107,11 +106,7 @@ def evaluate(config, workdir, iteration=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a trained run directory")
-    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
-                        help="test the checkpoint of this iteration (in checkpoints/ "
-                             "or checkpoints/kept/) instead of the latest")
+    parser = trained_run_parser(__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the run's config.yaml "
                              "(e.g. test_episodes=100)")

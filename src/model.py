@@ -96,7 +96,12 @@ class ConvNet(tf.keras.Model):
                          seed=seeds[NUM_BLOCKS], taps=_tap(taps, "head"))
 
     def call(self, x, training=False):
-        """Deterministic logits with the current variables (Keras API)."""
+        """Deterministic logits [N, way] of images x [N, H, W, C] with the
+        current variables (Keras API).  ``training`` is accepted for Keras and
+        changes nothing: batch norm is transductive, always normalising with
+        the statistics of ``x`` (there are no moving averages), and the noise
+        is sampled only through ``forward(..., sample=True)``."""
+        del training
         return self.forward(x)
 
 

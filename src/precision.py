@@ -21,7 +21,6 @@ it far less).  MAML only: meta-dropout's noise is drawn in the model's
 dtype, so its float32 and float64 draws differ.
 """
 
-import argparse
 import sys
 
 import numpy as np
@@ -29,7 +28,7 @@ import tensorflow as tf
 
 from src import data as data_lib
 from src.config import ConfigError
-from src.train import converted_copy, image_shape, load_trained_run
+from src.train import converted_copy, image_shape, load_trained_run, trained_run_parser
 
 # name: (dtype, fused batch norm, weights moved by a float32 rounding)
 VARIANTS = {"float32, fused batch norm": ("float32", True, False),
@@ -74,10 +73,7 @@ def summary(errors):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a trained run directory")
-    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
-                        help="the checkpoint of this iteration instead of the latest")
+    parser = trained_run_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=3, help="meta-training meta-batches")
     parser.add_argument("--seed", type=int, default=7, help="seed of the meta-batches")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -139,6 +139,18 @@ def find_checkpoint(workdir, iteration=None):
                       "(ckpt_keep_every=N keeps every N-th for good)")
 
 
+def trained_run_parser(description):
+    """An argparse parser with the two arguments of every tool that reads a
+    trained run (``src.evaluate``, ``src.curvature``, ``src.precision``):
+    ``--workdir`` and ``--checkpoint`` (an iteration, None: the latest)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", required=True, help="a trained run directory")
+    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
+                        help="the checkpoint of this iteration (in checkpoints/ or "
+                             "checkpoints/kept/) instead of the latest")
+    return parser
+
+
 def load_trained_run(workdir, iteration=None, overrides=()):
     """A trained run, restored for a diagnostic (``src.curvature``,
     ``src.precision``).

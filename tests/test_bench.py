@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from src.bench import op_thread_times
+from src.bench import op_thread_times, parse_args, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,9 @@ def test_profiled_bench_run(tmp_path):
          "--set", "meta_batch=2", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    entry, = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    entry, = report["results"]
     prof = entry["profile"]
     assert prof["steps"] == 2
     ops = prof["ops_thread_s_per_step"]
@@ -74,3 +76,18 @@ def test_profiled_bench_run(tmp_path):
     threads = max(entry["threads"]["tf_inter_op"], 1) * max(entry["threads"]["tf_intra_op"], 1)
     assert prof["thread_s_per_step"] <= 1.05 * prof["wall_s_per_step"] * max(threads, os.cpu_count())
     assert "of which convolutions" in proc.stdout
+
+
+def test_report_written_per_entry(tmp_path):
+    """An interrupted benchmark leaves a report of the entries measured so far,
+    marked incomplete."""
+    out = tmp_path / "sub" / "bench.json"
+    args = parse_args(["--settings", "omniglot_1shot,omniglot_5shot",
+                       "--models", "maml", "--out", str(out)])
+    write_report(args, {"cpu_model": "x"}, [{"setting": "omniglot_1shot", "model": "maml"}])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert [r["setting"] for r in report["results"]] == ["omniglot_1shot"]
+    assert report["args"]["settings"] == ["omniglot_1shot", "omniglot_5shot"]
+    write_report(args, {"cpu_model": "x"}, report["results"] + [{"setting": "omniglot_5shot"}])
+    assert json.loads(out.read_text())["complete"] is True
