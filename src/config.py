@@ -33,6 +33,7 @@ class Config:
     fused_bn: bool = True            # fused batch-norm kernel (float32)
     init: str = "original"           # kernel initialisers: original (std 0.02) | glorot_uniform | pytorch_default
     bn_epsilon: float = 1e-3         # batch norm's variance epsilon (the original code's)
+    bn_scale: bool = False           # also a meta-learned batch-norm scale γ (Keras' default; a diagnostic)
 
     # Meta-learning.
     inner_steps: int = 5             # K

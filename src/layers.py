@@ -266,14 +266,16 @@ class _ParamLayer(tf.keras.layers.Layer):
     def new_weight(self, group, name, shape, kind):
         """Adds a weight to ``group`` ('theta', 'phi' or 'beta').
 
-        ``kind`` is 'conv', 'dense' or 'zeros'; kernels follow the layer's
-        initialiser scheme (``kernel_initializer``).  Every weight gets its
+        ``kind`` is 'conv', 'dense', 'zeros' or 'ones'; kernels follow the
+        layer's initialiser scheme (``kernel_initializer``).  Every weight gets its
         own seeded initializer, since a reused unseeded Keras initializer
         repeats its values.
         """
         self._draws += 1
         seed = self._seed * 1000 + self._draws
-        initializer = (tf.keras.initializers.Zeros() if kind == "zeros"
+        constant = {"zeros": tf.keras.initializers.Zeros(),
+                    "ones": tf.keras.initializers.Ones()}
+        initializer = (constant[kind] if kind in constant
                        else kernel_initializer(kind, self._init, seed))
         var = self.add_weight(name=name, shape=shape, initializer=initializer,
                               trainable=True)
@@ -292,11 +294,18 @@ class ConvBlock(_ParamLayer):
     With ``smooth=True``, softplus replaces ReLU and average pooling replaces
     max pooling: the same network made twice differentiable everywhere, for
     finite-difference checks of second-order meta-gradients.
+
+    With ``bn_scale=True``, batch norm also multiplies by a meta-learned
+    scale γ [C] (initialised to 1, in the β group), as Keras'
+    ``BatchNormalization`` does by default; the original code has none.
+    It is a diagnostic: γ sets how strongly each channel's normalised
+    output moves the loss, and so, per channel, how far an inner step of
+    the same learning rate moves the block.
     """
 
     def __init__(self, channels, noise="none", smooth=False, fused_bn=True,
-                 bn_second_order=True, bn_epsilon=BN_EPSILON, seed=0,
-                 init="original", **kwargs):
+                 bn_second_order=True, bn_epsilon=BN_EPSILON, bn_scale=False,
+                 seed=0, init="original", **kwargs):
         super().__init__(seed=seed, init=init, **kwargs)
         self.channels = channels
         self.noise = noise_lib.make_block_noise(noise)
@@ -304,6 +313,7 @@ class ConvBlock(_ParamLayer):
         self.fused_bn = fused_bn
         self.bn_second_order = bn_second_order
         self.bn_epsilon = bn_epsilon
+        self.bn_scale = bn_scale
 
     def build(self, input_shape):
         cin = int(input_shape[-1])
@@ -311,6 +321,8 @@ class ConvBlock(_ParamLayer):
         self.new_weight("theta", "bias", [self.channels], "zeros")
         self.new_weight("beta", "offset", [self.channels], "zeros")
         self.noise.build(self, cin, self.channels)
+        if self.bn_scale:  # last, so that every other weight keeps its draw
+            self.new_weight("beta", "scale", [self.channels], "ones")
         super().build(input_shape)
 
     def call(self, h, params=None, sample=False, seed=None, groups=1,
@@ -332,9 +344,14 @@ class ConvBlock(_ParamLayer):
         mu, *maps = linear_maps(
             h, [(p["kernel"], p["bias"])] + self.noise.input_maps(p), conv3x3)
         x = self.noise(h, mu, maps, p, sample=sample, seed=seed, taps=taps)
-        x = batch_norm(x, p["offset"], groups=groups, fused=self.fused_bn,
+        offset = p["offset"]
+        if self.bn_scale:
+            offset = tf.zeros_like(offset)
+        x = batch_norm(x, offset, groups=groups, fused=self.fused_bn,
                        second_order=self.bn_second_order,
                        epsilon=self.bn_epsilon)
+        if self.bn_scale:
+            x = x * p["scale"] + p["offset"]
         if self.smooth:
             x = tf.nn.softplus(x)
             return tf.nn.avg_pool2d(x, 2, 2, "VALID")

@@ -113,6 +113,8 @@ class MetaLearner(tf.Module):
       adapt_offsets: also adapt the batch-norm offsets β in the inner loop,
         with the same step size (a diagnostic: PyTorch ports of MAML adapt
         batch norm's parameters; the original code only meta-learns β).
+        With the model's ``bn_scale``, the scales γ (in the β group) are
+        adapted too.
     """
 
     def __init__(self, model, inner_lr, inner_steps, meta_lr, meta_sgd=False,

@@ -29,6 +29,8 @@ class ConvNet(tf.keras.Model):
         norm's backward pass, as the authors' TF1 code did (see
         ``layers.batch_norm``).
       bn_epsilon: batch norm's variance epsilon (the original code's 1e-3).
+      bn_scale: also a meta-learned batch-norm scale γ per channel (a
+        diagnostic; the original code has none, see ``layers.ConvBlock``).
       seed: initialisation seed; every weight gets its own draw.
       init: kernel initialisers, 'original' (std 0.02), 'glorot_uniform'
         or 'pytorch_default' (see ``layers.kernel_initializer``).
@@ -36,14 +38,14 @@ class ConvNet(tf.keras.Model):
     """
 
     def __init__(self, dataset, way, noise="none", smooth=False, fused_bn=True,
-                 bn_second_order=True, bn_epsilon=BN_EPSILON, seed=0,
-                 init="original", dtype="float32"):
+                 bn_second_order=True, bn_epsilon=BN_EPSILON, bn_scale=False,
+                 seed=0, init="original", dtype="float32"):
         super().__init__(name="convnet", dtype=dtype)
         self.input_shape_hwc, channels = DATASETS[dataset]
         self.blocks = [
             ConvBlock(channels, noise=noise, smooth=smooth, fused_bn=fused_bn,
                       bn_second_order=bn_second_order, bn_epsilon=bn_epsilon,
-                      seed=seed * 10 + i,
+                      bn_scale=bn_scale, seed=seed * 10 + i,
                       init=init, name=f"block{i + 1}", dtype=dtype)
             for i in range(NUM_BLOCKS)]
         self.head = DenseHead(way, noise=noise, seed=seed * 10 + NUM_BLOCKS,

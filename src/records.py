@@ -37,7 +37,8 @@ PROTOCOL = ("test_episodes", "test_mc_samples", "test_seed", "eval_batch")
 # Keys added after records were first written, with their defaults: a key
 # at its default is left out, so that the older records stay valid; any
 # other value is part of the key.
-LATER_KEYS = {k: getattr(Config, k) for k in ("adapt_offsets", "bn_epsilon")}
+LATER_KEYS = {k: getattr(Config, k) for k in ("adapt_offsets", "bn_epsilon",
+                                                 "bn_scale")}
 
 
 def record_key(config, checkpoint, data):

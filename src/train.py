@@ -67,7 +67,8 @@ def build(config, dtype="float32", fused_bn=None):
     model = ConvNet(config.dataset, config.way, noise=config.noise,
                     fused_bn=config.fused_bn if fused_bn is None else fused_bn,
                     bn_second_order=config.bn_second_order,
-                    bn_epsilon=config.bn_epsilon, seed=config.seed,
+                    bn_epsilon=config.bn_epsilon, bn_scale=config.bn_scale,
+                    seed=config.seed,
                     init=config.init, dtype=dtype)
     learner = MetaLearner(
         model, inner_lr=config.inner_lr, inner_steps=config.inner_steps,

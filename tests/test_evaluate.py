@@ -51,13 +51,15 @@ def test_record_round_trip_and_key(tmp_path):
             "data_dir": "/elsewhere", "val_every": 7}
     assert len(records.load(w, key(**same))) == 3
     for change in ({"test_seed": 1}, {"test_mc_samples": 29}, {"eval_batch": 4},
-                   {"inner_steps": 10}, {"adapt_offsets": True}, {"bn_epsilon": 1e-5}):
+                   {"inner_steps": 10}, {"adapt_offsets": True}, {"bn_epsilon": 1e-5},
+                   {"bn_scale": True}):
         assert records.load(w, key(**change)).shape == (0,), change
     assert records.load(w, key(checkpoint="ckpt-1900")).shape == (0,)
     assert records.load(w, key(data=dict(SIGNATURE, format_version=1))).shape == (0,)
 
 
-@pytest.mark.parametrize("later,other", [("adapt_offsets", True), ("bn_epsilon", 1e-5)])
+@pytest.mark.parametrize("later,other", [("adapt_offsets", True), ("bn_epsilon", 1e-5),
+                                         ("bn_scale", True)])
 def test_record_written_before_a_later_key_existed_stays_valid(tmp_path, later, other):
     """A key added later is left out of the record key at its default, so
     a record saved without it is still found."""

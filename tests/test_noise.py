@@ -651,6 +651,40 @@ def test_bn_epsilon_key_reaches_every_block():
     assert np.abs(logits[1e-3] - logits[1e-5]).max() > 0.1 * np.abs(logits[1e-3]).max()
 
 
+def test_bn_scale_key_multiplies_the_normalised_output():
+    """``bn_scale=true`` gives every block a scale γ [C] in the β group,
+    initialised to 1, that leaves every other weight's draw unchanged (the
+    same logits as without it); block 1's output with γ set is
+    relu(γ·(x − m)/sqrt(v + ε) + β) max-pooled, computed in numpy."""
+    from src.config import load_config
+    from src.train import build
+    rng = np.random.default_rng(13)
+    x = (rng.uniform(size=(10, 28, 28, 1)) < 0.1).astype(np.float32)
+    plain, _ = build(load_config(None, ["noise=meta_dropout", "way=5"]))
+    scaled, _ = build(load_config(None, ["noise=meta_dropout", "way=5", "bn_scale=true"]))
+    assert set(scaled.group("beta")) - set(plain.group("beta")) == {
+        f"block{i}/scale" for i in range(1, 5)}
+    np.testing.assert_array_equal(scaled.forward(tf.constant(x)).numpy(),
+                                  plain.forward(tf.constant(x)).numpy())
+    block = scaled.blocks[0]
+    gamma = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+    beta = rng.normal(size=64).astype(np.float32)
+    block.groups["beta"]["scale"].assign(gamma)
+    block.groups["beta"]["offset"].assign(beta)
+    out = block(tf.constant(x)).numpy()
+    kernel = block.groups["theta"]["kernel"].numpy().astype(np.float64)
+    alpha = block.groups["phi"]["noise_kernel"].numpy().astype(np.float64)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = np.stack([padded[:, i:i + 28, j:j + 28, 0]
+                        for i in range(3) for j in range(3)], -1)
+    mu = patches @ kernel.reshape(9, 64)
+    pre = mu * np.log1p(np.exp(patches @ alpha.reshape(9, 64)))
+    m, v = pre.mean((0, 1, 2)), pre.var((0, 1, 2))
+    y = np.maximum(gamma * (pre - m) / np.sqrt(v + 1e-3) + beta, 0.0)
+    pooled = y.reshape(10, 14, 2, 14, 2, 64).max((2, 4))
+    np.testing.assert_allclose(out, pooled, atol=2e-4)
+
+
 def test_batch_norm_explicit_large_mean_relative_to_std():
     """The explicit float32 batch norm (the mean first, then the variance of
     the centred values) stays as close to numpy as the fused kernel when
