@@ -344,19 +344,24 @@ class ConvBlock(_ParamLayer):
         mu, *maps = linear_maps(
             h, [(p["kernel"], p["bias"])] + self.noise.input_maps(p), conv3x3)
         x = self.noise(h, mu, maps, p, sample=sample, seed=seed, taps=taps)
-        offset = p["offset"]
-        if self.bn_scale:
-            offset = tf.zeros_like(offset)
-        x = batch_norm(x, offset, groups=groups, fused=self.fused_bn,
-                       second_order=self.bn_second_order,
-                       epsilon=self.bn_epsilon)
-        if self.bn_scale:
-            x = x * p["scale"] + p["offset"]
+        x = self._batch_norm(x, p, groups)
         if self.smooth:
             x = tf.nn.softplus(x)
             return tf.nn.avg_pool2d(x, 2, 2, "VALID")
         x = tf.nn.relu(x)
         return tf.nn.max_pool2d(x, 2, 2, "VALID")
+
+
+    def _batch_norm(self, x, p, groups):
+        """Batch norm with β = p["offset"], and γ = p["scale"] if
+        ``bn_scale``.  γ multiplies outside ``batch_norm``, whose fused
+        kernel's closed-form second derivative assumes a unit scale."""
+        norm = lambda offset: batch_norm(
+            x, offset, groups=groups, fused=self.fused_bn,
+            second_order=self.bn_second_order, epsilon=self.bn_epsilon)
+        if not self.bn_scale:
+            return norm(p["offset"])
+        return norm(tf.zeros_like(p["offset"])) * p["scale"] + p["offset"]
 
 
 class DenseHead(_ParamLayer):

@@ -79,6 +79,13 @@ def along(grads, direction):
     return sum(float(np.sum(grads[v.name].numpy() * d)) for v, d in direction)
 
 
+def set_scales(model, seed):
+    """Sets every block's batch-norm scale γ away from 1 (uniform 0.5-2)."""
+    rng = np.random.default_rng(seed)
+    for block in model.blocks:
+        block.groups["beta"]["scale"].assign(rng.uniform(0.5, 2.0, block.channels))
+
+
 GROUPS = {
     "theta": lambda m: list(m.group("theta").values()),
     "phi_blocks": lambda m: [v for k, v in m.group("phi").items() if k.startswith("block")],
@@ -171,15 +178,20 @@ def test_forward_mode_matches_reverse_mode_on_the_real_network():
     assert along(grads, direction) == pytest.approx(jvp, rel=1e-8)
 
 
-@pytest.mark.parametrize("adapt_offsets", [False, True])
-def test_fused_float32_batch_norm_gives_the_same_meta_gradient(adapt_offsets):
+@pytest.mark.parametrize("adapt_offsets,bn_scale", [(False, False), (True, False),
+                                                    (False, True)])
+def test_fused_float32_batch_norm_gives_the_same_meta_gradient(adapt_offsets, bn_scale):
     """The fused kernel's second derivative agrees with explicit float64 ops
     (MAML, since the noise draws differ between float32 and float64); with
     the offsets adapted, this covers its gradient w.r.t. the offset's own
-    backward pass too."""
-    _, ref = make(smooth=False, dtype="float64", noise="none", adapt_offsets=adapt_offsets)
+    backward pass too; with ``bn_scale`` (γ away from 1), the scale applied
+    around the fused kernel."""
+    ref_model, ref = make(smooth=False, dtype="float64", noise="none",
+                          adapt_offsets=adapt_offsets, bn_scale=bn_scale)
+    if bn_scale:
+        set_scales(ref_model, seed=10)
     _, fused = make(smooth=False, dtype="float32", fused_bn=True, noise="none",
-                    adapt_offsets=adapt_offsets)
+                    adapt_offsets=adapt_offsets, bn_scale=bn_scale)
     for v64, v32 in zip(ref.variables_list, fused.variables_list):
         v32.assign(tf.cast(v64, tf.float32))
     g64 = gradient(ref, episode(tf.float64))
@@ -243,17 +255,14 @@ def test_adapted_offsets_meta_gradient_matches_finite_differences():
         assert diff > 1e-3 * np.linalg.norm(plain_grads[v.name].numpy()), v.name
 
 
-@pytest.mark.parametrize("fused_bn", [False, True])
-def test_bn_scale_meta_gradient_matches_finite_differences(fused_bn):
-    """``bn_scale``: the meta-learned γ gets a second-order meta-gradient
-    that matches central finite differences (float64, smooth network; the
-    fused kernel runs in float32 only, so ``fused_bn=True`` here takes the
-    explicit ops too and checks that the option does not depend on it),
-    set away from 1 so that γ's own value matters."""
-    model, learner = make(bn_scale=True, fused_bn=fused_bn)
-    rng = np.random.default_rng(9)
-    for block in model.blocks:
-        block.groups["beta"]["scale"].assign(rng.uniform(0.5, 2.0, block.channels))
+def test_bn_scale_meta_gradient_matches_finite_differences():
+    """``bn_scale``: the meta-learned γ, set away from 1 so that its own
+    value matters, gets a second-order meta-gradient that matches central
+    finite differences, and so does θ (float64, smooth network; the fused
+    float32 path is checked in
+    ``test_fused_float32_batch_norm_gives_the_same_meta_gradient``)."""
+    model, learner = make(bn_scale=True)
+    set_scales(model, seed=9)
     batch = episode(tf.float64)
     grads = gradient(learner, batch)
     scales = [b.groups["beta"]["scale"] for b in model.blocks]
