@@ -2,8 +2,9 @@
 
 One meta-iteration, top to bottom:
 
-1. ``MetaLearner.train_step(batch, seed)`` opens the outer tape.
-2. For each task b, ``task_loss`` runs ``adapt``: K inner SGD steps on the
+1. ``MetaLearner.train_step(batch, seed)`` calls ``meta_gradients``, which
+   opens one outer tape per task.
+2. Inside task b's tape, ``task_loss`` runs ``adapt``: K inner SGD steps on the
    support set, from θ, with the noise sampled (S Monte-Carlo passes), each
    step's gradient taken with an inner tape *inside* the outer one, so that
    the outer gradient goes through it (second order).  θ is handled as
