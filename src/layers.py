@@ -351,17 +351,16 @@ class ConvBlock(_ParamLayer):
         x = tf.nn.relu(x)
         return tf.nn.max_pool2d(x, 2, 2, "VALID")
 
-
     def _batch_norm(self, x, p, groups):
-        """Batch norm with β = p["offset"], and γ = p["scale"] if
-        ``bn_scale``.  γ multiplies outside ``batch_norm``, whose fused
-        kernel's closed-form second derivative assumes a unit scale."""
-        norm = lambda offset: batch_norm(
-            x, offset, groups=groups, fused=self.fused_bn,
-            second_order=self.bn_second_order, epsilon=self.bn_epsilon)
-        if not self.bn_scale:
-            return norm(p["offset"])
-        return norm(tf.zeros_like(p["offset"])) * p["scale"] + p["offset"]
+        """Batch norm with β = p["offset"], and γ = p["scale"] if ``bn_scale``."""
+        # γ multiplies outside batch_norm, whose fused kernel's closed-form
+        # second derivative assumes a unit scale; β is added after it.
+        offset = tf.zeros_like(p["offset"]) if self.bn_scale else p["offset"]
+        x = batch_norm(x, offset, groups=groups, fused=self.fused_bn,
+                       second_order=self.bn_second_order, epsilon=self.bn_epsilon)
+        if self.bn_scale:
+            x = x * p["scale"] + p["offset"]
+        return x
 
 
 class DenseHead(_ParamLayer):
