@@ -60,14 +60,14 @@ SIGNATURE = {k: MANIFEST[k] for k in ("dataset", "format_version", "source", "se
                                       "sources")}
 
 
-def run(module, args, wait=True):
+def run(module, args, wait=True, timeout=TIMEOUT):
     """Runs ``python -m module args`` from the repo root; returns the
     CompletedProcess (or the Popen if ``wait`` is False)."""
     cmd = [sys.executable, "-m", module, *args]
     kwargs = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return subprocess.Popen(cmd, **kwargs)
-    return subprocess.run(cmd, timeout=TIMEOUT, **kwargs)
+    return subprocess.run(cmd, timeout=timeout, **kwargs)
 
 
 def train_args(workdir, data_dir, *extra):
