@@ -24,25 +24,12 @@ import json
 
 import pytest
 
-from data_prep import omniglot
-from tests.test_cli import REPO, ok, run
+from tests.test_cli import ok, run
 
-REAL_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 ITERATIONS = 200
 EPISODES = 100
 # A guard against a hung subprocess, not a speed check.
 TIMEOUT = 3 * 3600
-
-
-@pytest.fixture(scope="module")
-def omniglot_dir(tmp_path_factory):
-    """data/omniglot prepared from the real archives, in a temporary folder."""
-    if not all((REAL_OMNIGLOT / a).is_file() for a in omniglot.ARCHIVES):
-        pytest.skip(f"real Omniglot archives not found in {REAL_OMNIGLOT} "
-                    "(only on the development machine)")
-    out = tmp_path_factory.mktemp("omniglot")
-    ok(run("data_prep.omniglot", ["--src", str(REAL_OMNIGLOT), "--out", str(out)]))
-    return out
 
 
 @pytest.mark.slow
@@ -50,7 +37,8 @@ def omniglot_dir(tmp_path_factory):
     ("yaml/omniglot_1shot_maml.yaml", 1, 78.0),
     ("yaml/omniglot_1shot_metadrop.yaml", 30, 75.0),
 ])
-def test_omniglot_1shot_learns(omniglot_dir, tmp_path, config, mc_samples, floor):
+def test_omniglot_1shot_learns(real_out, tmp_path, config, mc_samples, floor):
+    _, omniglot_dir = real_out
     workdir = tmp_path / "run"
     ok(run("src.train", ["--config", config, "--workdir", str(workdir),
                          f"data_dir={omniglot_dir}", f"iterations={ITERATIONS}",

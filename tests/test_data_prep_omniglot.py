@@ -25,7 +25,6 @@ from data_prep import omniglot
 from data_prep.omniglot import DataPrepError
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 
 # Tiny layout: 5 + 3 characters, 4 drawers each; split 6 / 2.
 LAYOUT = {
@@ -361,21 +360,7 @@ def test_cli_turns_errors_into_exit_code_2(tmp_path, capsys):
 
 # ---------------------------------------------------------------- real data
 
-def _real_archives():
-    if not all((REAL_OMNIGLOT / a).is_file() for a in omniglot.ARCHIVES):
-        pytest.skip("real Omniglot archives not found in {} (only on the development "
-                    "machine)".format(REAL_OMNIGLOT))
-    return REAL_OMNIGLOT
-
-
-@pytest.fixture(scope="module")
-def real_out(tmp_path_factory):
-    src = _real_archives()
-    out = tmp_path_factory.mktemp("omniglot_real")
-    start = time.time()
-    assert omniglot.prepare(str(src), str(out)) == "prepared"
-    print("full Omniglot preparation: {:.1f} s".format(time.time() - start))
-    return src, out
+# real_out: the fixture in conftest.py.
 
 
 def test_real_archives_full_prep(real_out):
