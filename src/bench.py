@@ -19,6 +19,14 @@ With ``--eval`` it also times ``learner.eval_step`` (meta-test adaptation of
 ``eval_batch`` episodes per call, with ``test_mc_samples`` noise samples per
 inner step for meta-dropout, 1 for MAML) in seconds per episode.
 
+Each entry also counts the convolution FLOPs of one meta-iteration (every
+``Conv2D``, ``Conv2DBackpropInput`` and ``Conv2DBackpropFilter`` that the
+compiled step runs, from their static shapes) and the rate they are done at.
+With ``--ceiling`` a separate process first measures the machine's float32
+matrix-product rate through TensorFlow (``matmul_ceiling``), and each rate
+is also given as a fraction of it: speeds of different machines compare
+only that way.
+
 With ``--profile N`` it then runs N more meta-iterations under
 ``tf.profiler`` and reports where their time goes: the thread time of each
 op type per meta-iteration, summed over TensorFlow's compute threads (with
@@ -161,6 +169,69 @@ def profile_steps(step, batches, seeds):
             "ops_thread_s_per_step": {k: round(v, 5) for k, v in ops.items()}}
 
 
+CONV_OPS = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+
+
+def _conv_flops(op):
+    """Multiply-adds x 2 of one convolution op (forward, input or filter
+    gradient: all three cost the forward convolution's 2 * outputs * kh *
+    kw * c_in); None for any other op."""
+    if op.type == "Conv2D":
+        kernel, out = op.inputs[1].shape, op.outputs[0].shape
+    elif op.type == "Conv2DBackpropInput":
+        kernel, out = op.inputs[1].shape, op.inputs[2].shape
+    elif op.type == "Conv2DBackpropFilter":
+        kernel, out = op.outputs[0].shape, op.inputs[2].shape
+    else:
+        return None
+    return 2 * out.num_elements() * kernel[0] * kernel[1] * kernel[2]
+
+
+def conv_gflop(concrete_fn):
+    """GFLOP of the convolutions that one call of a traced tf.function runs.
+
+    Only ops that its outputs or its stateful ops depend on count: the
+    traced graph also holds gradients nobody uses (e.g. with respect to the
+    images), which TensorFlow prunes before running it.  Shapes must be
+    static, as they are for a config's episodes.
+
+    Returns:
+      {op type: GFLOP} for the three convolution kinds of ``CONV_OPS``.
+    """
+    graph = concrete_fn.graph
+    needed, stack = set(), [t.op for t in graph.outputs] + list(graph.control_outputs)
+    while stack:
+        op = stack.pop()
+        if op.name not in needed:
+            needed.add(op.name)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    totals = dict.fromkeys(CONV_OPS, 0.0)
+    for op in graph.get_operations():
+        flops = _conv_flops(op) if op.name in needed else None
+        if flops is not None:
+            totals[op.type] += flops / 1e9
+    return totals
+
+
+def matmul_ceiling(sizes=(1024, 2048, 4096), repeats=5):
+    """{n: GFLOP/s} of float32 n x n matrix products through TensorFlow, the
+    best of ``repeats`` calls each, with TensorFlow's default thread pools
+    (every core) and this package's oneDNN setting: the ceiling against which
+    a meta-iteration's convolution rate is read.  Run it in a fresh process
+    (``run_one`` children set one thread per op)."""
+    import tensorflow as tf
+    rates = {}
+    for n in sizes:
+        a = tf.random.stateless_normal([n, n], seed=[0, n])
+        b = tf.random.stateless_normal([n, n], seed=[1, n])
+        product = tf.function(tf.matmul)
+        product(a, b).numpy()  # traces
+        times = _timed(lambda *_: product(a, b).numpy(), range(repeats), range(repeats))
+        rates[n] = 2 * n ** 3 / min(times) / 1e9
+    return rates
+
+
 def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
     """Benchmarks one config in this process; returns the result dict."""
     import numpy as np
@@ -208,6 +279,9 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
         "warmup_s": [round(t, 4) for t in times[:warmup]],
         "iters": iters, **_summary(times[warmup:]),
         "tracings": _tracing_count(learner.train_step)}
+    flops = conv_gflop(learner.train_step.get_concrete_function(
+        synthetic_batch(rng, config, config.meta_batch, shape), seeds[0]))
+    result["train"]["conv_gflop"] = {k: round(v, 3) for k, v in flops.items()}
 
     if profile:
         batches = [synthetic_batch(rng, config, config.meta_batch, shape)
@@ -323,13 +397,39 @@ def run_one(setting, model, args):
     return entry
 
 
+def measure_ceiling():
+    """``matmul_ceiling`` in a fresh process: {n: GFLOP/s}, or an error string."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ceiling.json")
+        proc = subprocess.run([sys.executable, "-m", "src.bench", "--child-ceiling", out],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            return "matmul ceiling process exited with code {}: {}".format(
+                proc.returncode, (proc.stderr or proc.stdout).strip()[-500:])
+        with open(out) as f:
+            return {int(n): rate for n, rate in json.load(f).items()}
+
+
 def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def table(results, do_eval):
+def conv_rate(train, ceiling=None):
+    """'GFLOP/iter, GFLOP/s at the median step[, % of the ceiling]' of a
+    result's ``train`` entry; ``ceiling``: the best matmul GFLOP/s."""
+    gflop = sum(train.get("conv_gflop", {}).values())
+    if not gflop or not train.get("median_s"):
+        return "-"
+    rate = gflop / train["median_s"]
+    share = f", {100 * rate / ceiling:.0f}%" if ceiling else ""
+    return f"{gflop:.1f} @ {rate:.1f}{share}"
+
+
+def table(results, do_eval, ceiling=None):
     head = ["setting", "model", "support / query", "trace s",
-            "s/iter median [min-max]", "peak MB"]
+            "s/iter median [min-max]",
+            "conv GFLOP @ GFLOP/s" + (", of ceiling" if ceiling else ""), "peak MB"]
     if do_eval:
         head[5:5] = ["eval s/episode median [min-max] (S)"]
     rows = []
@@ -344,7 +444,7 @@ def table(results, do_eval):
                f"{'x'.join(map(str, s))} / {'x'.join(map(str, q))}",
                _fmt(t["trace_s"], 1),
                f"{_fmt(t.get('median_s'))} [{_fmt(t.get('min_s'))}-{_fmt(t.get('max_s'))}]",
-               f"{r['peak_rss_mb']:.0f}"]
+               conv_rate(t, ceiling), f"{r['peak_rss_mb']:.0f}"]
         if do_eval:
             e = r["eval"]
             row[5:5] = [f"{_fmt(e.get('median_s'))} [{_fmt(e.get('min_s'))}-"
@@ -391,12 +491,17 @@ def parse_args(argv):
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then profile N more meta-iterations and print the "
                              "thread time of each op type (default: 0, off)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="first measure the float32 matrix-product rate through "
+                             "TensorFlow (about 20 s) and give each convolution rate "
+                             "as a fraction of it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable), "
                              "e.g. --set inner_steps=1")
     parser.add_argument("--out", default="runs/bench/results.json", help="JSON output")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--child-ceiling", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.eval_iters is None:
         args.eval_iters = args.iters
@@ -413,7 +518,7 @@ def write_report(args, machine, results):
         "machine": machine,
         "args": {k: getattr(args, k) for k in
                  ("settings", "models", "iters", "warmup", "eval", "eval_iters",
-                  "profile", "set")},
+                  "profile", "ceiling", "set")},
         "complete": len(results) == len(args.settings) * len(args.models),
         "results": results,
     }
@@ -425,6 +530,10 @@ def write_report(args, machine, results):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.child_ceiling:
+        with open(args.child_ceiling, "w") as f:
+            json.dump(matmul_ceiling(), f)
+        return 0
     if args.child:
         result = run_child(args.child, args.set, args.iters, args.warmup,
                            args.eval, args.eval_iters, args.profile)
@@ -447,6 +556,11 @@ def main(argv=None):
         print(f"warning: load average {machine['load_average_1_5_15'][0]} on "
               f"{machine['cpus_usable']} CPUs: other processes are running, the "
               "timings will be too slow", file=sys.stderr, flush=True)
+    if args.ceiling:
+        print("measuring the matrix-product ceiling ...", file=sys.stderr, flush=True)
+        machine["matmul_gflops"] = measure_ceiling()
+    ceiling = machine.get("matmul_gflops")
+    ceiling = max(ceiling.values()) if isinstance(ceiling, dict) else None
     results = []
     for setting in args.settings:
         for model in args.models:
@@ -472,7 +586,12 @@ def main(argv=None):
           f"load {machine['load_average_1_5_15'][0]}")
     print(f"{DATA_NOTE}; {args.warmup} warm-up + {args.iters} timed steps"
           + (f" (overrides: {' '.join(args.set)})" if args.set else ""))
-    print(table(results, args.eval))
+    if args.ceiling:
+        rates = machine["matmul_gflops"]
+        print("float32 matrix products through TensorFlow (the ceiling): " + (
+            ", ".join(f"{n}x{n} {r:.0f} GFLOP/s" for n, r in rates.items())
+            if isinstance(rates, dict) else f"not measured ({rates})"))
+    print(table(results, args.eval, ceiling))
     for r in results:
         if "profile" in r:
             print(profile_table(r))

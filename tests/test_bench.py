@@ -1,6 +1,7 @@
 """The benchmark's profile: op thread times read from a tf.profiler XSpace
-(checked on a hand-built XSpace whose totals are known), and one profiled
-run through the real CLI (a subprocess; ~30-60 s on 2 cores)."""
+(checked on a hand-built XSpace whose totals are known); its convolution
+FLOP count (checked against counts by hand on small graphs); and one
+profiled run through the real CLI (a subprocess; ~30-60 s on 2 cores)."""
 
 import json
 import os
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from src.bench import op_thread_times, parse_args, write_report
+import tensorflow as tf
+
+from src.bench import conv_gflop, conv_rate, matmul_ceiling, op_thread_times, parse_args, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +58,69 @@ def test_op_thread_times_sums_ops_per_step(tmp_path):
     assert times["Mul"] == pytest.approx(1e-6 / 2)
 
 
+# x [2, 5, 5, 3] * w [3, 3, 3, 4], SAME: 2 * (2*5*5*4 outputs) * (3*3*3 taps).
+CONV_FLOP = 2 * (2 * 5 * 5 * 4) * (3 * 3 * 3) / 1e9
+
+
+def _conv_graph_inputs():
+    return (tf.TensorSpec([2, 5, 5, 3], tf.float32),
+            tf.TensorSpec([3, 3, 3, 4], tf.float32))
+
+
+def test_conv_gflop_counts_only_what_runs():
+    """A kernel gradient needs the forward convolution and one filter
+    gradient; the input gradient taken beside it but not returned is pruned
+    by TensorFlow, so it must not count."""
+    @tf.function(input_signature=_conv_graph_inputs())
+    def kernel_grad(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            loss = tf.reduce_sum(tf.nn.conv2d(x, w, 1, "SAME") ** 2)
+        gx, gw = tape.gradient(loss, [x, w])
+        del gx
+        return gw
+
+    got = conv_gflop(kernel_grad.get_concrete_function())
+    assert got == pytest.approx({"Conv2D": CONV_FLOP, "Conv2DBackpropInput": 0.0,
+                                 "Conv2DBackpropFilter": CONV_FLOP})
+
+
+def test_conv_gflop_second_order_and_stateful_outputs():
+    """A gradient of a gradient (as in MAML), consumed only by a variable
+    assignment: the forward convolution, the inner input gradient, and the
+    outer derivative of that input gradient with respect to the kernel (a
+    filter gradient) and to its incoming gradient (a convolution)."""
+    v = tf.Variable(tf.zeros([3, 3, 3, 4]))
+
+    @tf.function(input_signature=_conv_graph_inputs())
+    def second_order(x, w):
+        with tf.GradientTape() as outer:
+            outer.watch(w)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.nn.conv2d(x, w, 1, "SAME") ** 2)
+            gx = inner.gradient(loss, x)
+            meta = tf.reduce_sum(gx ** 2)
+        v.assign(outer.gradient(meta, w))
+
+    got = conv_gflop(second_order.get_concrete_function())
+    # Forward conv; its input gradient (inner); the outer pass differentiates
+    # the input gradient (a filter gradient and a convolution) and, through
+    # dy = 2y, the forward conv again (one more filter gradient).
+    assert got == pytest.approx({"Conv2D": 2 * CONV_FLOP,
+                                 "Conv2DBackpropInput": CONV_FLOP,
+                                 "Conv2DBackpropFilter": 2 * CONV_FLOP})
+
+
+def test_conv_rate_and_ceiling():
+    train = {"conv_gflop": {"Conv2D": 60.0, "Conv2DBackpropFilter": 40.0}, "median_s": 2.0}
+    assert conv_rate(train) == "100.0 @ 50.0"
+    assert conv_rate(train, ceiling=200.0) == "100.0 @ 50.0, 25%"
+    assert conv_rate({"median_s": 1.0}) == "-"
+    rates = matmul_ceiling(sizes=(64, 128), repeats=2)
+    assert sorted(rates) == [64, 128] and all(r > 0 for r in rates.values())
+
+
 def test_profiled_bench_run(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -76,6 +142,10 @@ def test_profiled_bench_run(tmp_path):
     threads = max(entry["threads"]["tf_inter_op"], 1) * max(entry["threads"]["tf_intra_op"], 1)
     assert prof["thread_s_per_step"] <= 1.05 * prof["wall_s_per_step"] * max(threads, os.cpu_count())
     assert "of which convolutions" in proc.stdout
+    # The profile ran the convolutions that the FLOP count counts.
+    assert set(entry["train"]["conv_gflop"]) == {
+        "Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"}
+    assert all(g > 0 for g in entry["train"]["conv_gflop"].values())
 
 
 def test_report_written_per_entry(tmp_path):
