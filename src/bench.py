@@ -366,6 +366,26 @@ def machine_info():
     }
 
 
+def child_process(child_args):
+    """Runs ``python -m src.bench`` with ``child_args`` (``--child PATH ...``
+    or ``--child-ceiling``) in a fresh process, which writes its result to
+    ``--child-out``.
+
+    Returns:
+      (result, None), or (None, (message, stderr tail)) if the process failed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        proc = subprocess.run([sys.executable, "-m", "src.bench", *child_args,
+                               "--child-out", out], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            return None, (f"benchmark process exited with code {proc.returncode}", tail)
+        with open(out) as f:
+            return json.load(f), None
+
+
 def run_one(setting, model, args):
     """Runs one child process; returns its result dict (or an error entry)."""
     entry = {"setting": setting, "model": model,
@@ -375,40 +395,27 @@ def run_one(setting, model, args):
     if not os.path.exists(path):
         entry["error"] = f"no config file {entry['config']}"
         return entry
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "child.json")
-        cmd = [sys.executable, "-m", "src.bench", "--child", path, "--child-out", out,
-               "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--eval-iters", str(args.eval_iters), "--profile", str(args.profile)]
-        cmd += ["--eval"] if args.eval else []
-        for o in args.set:
-            cmd += ["--set", o]
-        tic = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-        entry["wall_s"] = round(time.perf_counter() - tic, 2)
-        if proc.returncode != 0 or not os.path.exists(out):
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            entry["error"] = f"benchmark process exited with code {proc.returncode}"
-            entry["stderr_tail"] = tail
-            return entry
-        with open(out) as f:
-            entry.update(json.load(f))
+    child_args = ["--child", path, "--iters", str(args.iters), "--warmup", str(args.warmup),
+                  "--eval-iters", str(args.eval_iters), "--profile", str(args.profile)]
+    child_args += ["--eval"] if args.eval else []
+    for o in args.set:
+        child_args += ["--set", o]
+    tic = time.perf_counter()
+    result, error = child_process(child_args)
+    entry["wall_s"] = round(time.perf_counter() - tic, 2)
+    if error:
+        entry["error"], entry["stderr_tail"] = error
+        return entry
+    entry.update(result)
     return entry
 
 
 def measure_ceiling():
     """``matmul_ceiling`` in a fresh process: {n: GFLOP/s}, or an error string."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "ceiling.json")
-        proc = subprocess.run([sys.executable, "-m", "src.bench", "--child-ceiling", out],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-        if proc.returncode != 0 or not os.path.exists(out):
-            return "matmul ceiling process exited with code {}: {}".format(
-                proc.returncode, (proc.stderr or proc.stdout).strip()[-500:])
-        with open(out) as f:
-            return {int(n): rate for n, rate in json.load(f).items()}
+    rates, error = child_process(["--child-ceiling"])
+    if error:
+        return "{}: {}".format(*error)
+    return {int(n): rate for n, rate in rates.items()}
 
 
 def _fmt(x, digits=3):
@@ -501,7 +508,7 @@ def parse_args(argv):
     parser.add_argument("--out", default="runs/bench/results.json", help="JSON output")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    parser.add_argument("--child-ceiling", help=argparse.SUPPRESS)
+    parser.add_argument("--child-ceiling", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.eval_iters is None:
         args.eval_iters = args.iters
@@ -530,13 +537,10 @@ def write_report(args, machine, results):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.child_ceiling:
-        with open(args.child_ceiling, "w") as f:
-            json.dump(matmul_ceiling(), f)
-        return 0
-    if args.child:
-        result = run_child(args.child, args.set, args.iters, args.warmup,
-                           args.eval, args.eval_iters, args.profile)
+    if args.child or args.child_ceiling:
+        result = (matmul_ceiling() if args.child_ceiling else
+                  run_child(args.child, args.set, args.iters, args.warmup,
+                            args.eval, args.eval_iters, args.profile))
         with open(args.child_out, "w") as f:
             json.dump(result, f)
         return 0
@@ -556,11 +560,11 @@ def main(argv=None):
         print(f"warning: load average {machine['load_average_1_5_15'][0]} on "
               f"{machine['cpus_usable']} CPUs: other processes are running, the "
               "timings will be too slow", file=sys.stderr, flush=True)
+    ceiling = None
     if args.ceiling:
         print("measuring the matrix-product ceiling ...", file=sys.stderr, flush=True)
-        machine["matmul_gflops"] = measure_ceiling()
-    ceiling = machine.get("matmul_gflops")
-    ceiling = max(ceiling.values()) if isinstance(ceiling, dict) else None
+        rates = machine["matmul_gflops"] = measure_ceiling()
+        ceiling = max(rates.values()) if isinstance(rates, dict) else None
     results = []
     for setting in args.settings:
         for model in args.models:

@@ -13,7 +13,8 @@ import pytest
 
 import tensorflow as tf
 
-from src.bench import conv_gflop, conv_rate, matmul_ceiling, op_thread_times, parse_args, write_report
+from src.bench import (conv_gflop, conv_rate, matmul_ceiling, op_thread_times, parse_args,
+                       write_report)
 
 REPO = Path(__file__).resolve().parents[1]
 
