@@ -160,7 +160,7 @@ test: venv
 	exit $$rc
 
 test-slow: venv
-	@$(PY) -m pytest -q -m slow tests; rc=$$?; \
+	@$(PY) -m pytest -q -rP -m slow tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no slow tests" >&2; fi; \
 	exit $$rc
 

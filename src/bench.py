@@ -30,7 +30,9 @@ only that way.
 With ``--profile N`` it then runs N more meta-iterations under
 ``tf.profiler`` and reports where their time goes: the thread time of each
 op type per meta-iteration, summed over TensorFlow's compute threads (with
-two threads kept busy, the wall time is about half of the total).
+two threads kept busy, the wall time is about half of the total), and the
+rate of each block's convolutions of each kind (forward, input gradient,
+filter gradient): their FLOPs over their thread time, in GFLOP/s per thread.
 
 The episodes are synthetic: random pixels with the real shapes of the config
 (support [B, way*shot, H, W, C], query [B, way*query, H, W, C], labels in
@@ -48,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -62,6 +65,9 @@ DATA_NOTE = ("synthetic episodes: random pixels with the real shapes of each "
              "config (speed does not depend on pixel values)")
 
 
+# The three kinds of convolution a meta-iteration runs (forward, input
+# gradient, filter gradient), by their graph op types.
+CONV_OPS = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
 SETTINGS = ("omniglot_1shot", "omniglot_5shot", "miniimagenet_1shot",
             "miniimagenet_5shot")
 
@@ -118,24 +124,24 @@ def _tracing_count(fn):
         return None
 
 
-def op_thread_times(xspace_path, steps):
-    """Thread time per op type, from a ``tf.profiler`` XSpace file.
+def op_events(xspace_path):
+    """(op name, op type, seconds) of every op run in a ``tf.profiler``
+    XSpace file.
 
-    Sums the durations of the op events on the host's TensorFlow compute
-    threads (``tf_Compute/...`` lines); the executor's ``ExecutorState::``
-    spans, which enclose the ops, are left out.
+    Reads the op events on the host's TensorFlow compute threads
+    (``tf_Compute/...`` lines); the executor's ``ExecutorState::`` spans,
+    which enclose the ops, are left out.
 
     Args:
       xspace_path: a ``*.xplane.pb`` written by ``tf.profiler.experimental``.
-      steps: meta-iterations profiled, to express the times per iteration.
-    Returns:
-      {op type: seconds per iteration}, largest first.
+    Yields:
+      (str, str, float) per event; an event named ``name:type`` without a
+      display name has its type after the last colon.
     """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     space = xplane_pb2.XSpace()
     with open(xspace_path, "rb") as f:
         space.ParseFromString(f.read())
-    totals = {}
     for plane in space.planes:
         if plane.name != "/host:CPU":
             continue
@@ -146,9 +152,52 @@ def op_thread_times(xspace_path, steps):
                 meta = plane.event_metadata[event.metadata_id]
                 if meta.name.startswith("ExecutorState::"):
                     continue
-                op = meta.display_name or meta.name.rsplit(":", 1)[-1]
-                totals[op] = totals.get(op, 0.0) + event.duration_ps * 1e-12 / steps
+                name, _, op_type = meta.name.rpartition(":")
+                yield name, meta.display_name or op_type, event.duration_ps * 1e-12
+
+
+def op_thread_times(xspace_path, steps):
+    """Thread time per op type, summed over the compute threads.
+
+    Args:
+      xspace_path: as in ``op_events``.
+      steps: meta-iterations profiled, to express the times per iteration.
+    Returns:
+      {op type: seconds per iteration}, largest first.
+    """
+    totals = {}
+    for _, op_type, sec in op_events(xspace_path):
+        totals[op_type] = totals.get(op_type, 0.0) + sec / steps
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def conv_kind(op_type):
+    """The ``CONV_OPS`` kind of an op type as the graph or the profile names
+    it (``_FusedConv2D``, ``_MklNativeConv2DBackpropFilterWithBias``, ...);
+    None if it is not a convolution."""
+    for kind in reversed(CONV_OPS):  # the longest names first
+        if kind in op_type:
+            return kind
+    return None
+
+
+def conv_block(op_name):
+    """The network block an op belongs to (``block2``), from its name
+    (``gradient_tape/block2/Conv2DBackpropFilter``); 'other' if none."""
+    match = re.search(r"(?:^|/)(block\d+)/", op_name)
+    return match.group(1) if match else "other"
+
+
+def by_block(items):
+    """{block: {kind: total}} of (op name, op type, value) triples that are
+    convolutions."""
+    totals = {}
+    for name, op_type, value in items:
+        kind = conv_kind(op_type)
+        if kind:
+            row = totals.setdefault(conv_block(name), dict.fromkeys(CONV_OPS, 0.0))
+            row[kind] += value
+    return dict(sorted(totals.items()))
 
 
 def profile_steps(step, batches, seeds):
@@ -163,13 +212,13 @@ def profile_steps(step, batches, seeds):
         tf.profiler.experimental.stop()
         path, = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
         ops = op_thread_times(path, len(times))
+        conv = by_block((name, op_type, sec / len(times))
+                        for name, op_type, sec in op_events(path))
     return {"steps": len(times), "wall_s_per_step": sum(times) / len(times),
             "thread_s_per_step": sum(ops.values()),
-            "conv_thread_s_per_step": sum(v for k, v in ops.items() if "Conv2D" in k),
-            "ops_thread_s_per_step": {k: round(v, 5) for k, v in ops.items()}}
-
-
-CONV_OPS = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+            "conv_thread_s_per_step": sum(v for k, v in ops.items() if conv_kind(k)),
+            "ops_thread_s_per_step": {k: round(v, 5) for k, v in ops.items()},
+            "conv_thread_s_by_block": _rounded(conv, 5)}
 
 
 def _conv_flops(op):
@@ -187,8 +236,8 @@ def _conv_flops(op):
     return 2 * out.num_elements() * kernel[0] * kernel[1] * kernel[2]
 
 
-def conv_gflop(concrete_fn):
-    """GFLOP of the convolutions that one call of a traced tf.function runs.
+def conv_ops(concrete_fn):
+    """The convolutions that one call of a traced tf.function runs.
 
     Only ops that its outputs or its stateful ops depend on count: the
     traced graph also holds gradients nobody uses (e.g. with respect to the
@@ -196,7 +245,7 @@ def conv_gflop(concrete_fn):
     static, as they are for a config's episodes.
 
     Returns:
-      {op type: GFLOP} for the three convolution kinds of ``CONV_OPS``.
+      [(op name, op type, GFLOP)], op type one of ``CONV_OPS``.
     """
     graph = concrete_fn.graph
     needed, stack = set(), [t.op for t in graph.outputs] + list(graph.control_outputs)
@@ -206,12 +255,22 @@ def conv_gflop(concrete_fn):
             needed.add(op.name)
             stack.extend(t.op for t in op.inputs)
             stack.extend(op.control_inputs)
+    return [(op.name, op.type, _conv_flops(op) / 1e9) for op in graph.get_operations()
+            if op.name in needed and op.type in CONV_OPS]
+
+
+def conv_gflop(convs):
+    """{op type: GFLOP} of a ``conv_ops`` list, for the three kinds of
+    ``CONV_OPS``."""
     totals = dict.fromkeys(CONV_OPS, 0.0)
-    for op in graph.get_operations():
-        flops = _conv_flops(op) if op.name in needed else None
-        if flops is not None:
-            totals[op.type] += flops / 1e9
+    for _, op_type, gflop in convs:
+        totals[op_type] += gflop
     return totals
+
+
+def _rounded(nested, digits):
+    return {k: {kind: round(v, digits) for kind, v in row.items()}
+            for k, row in nested.items()}
 
 
 def matmul_ceiling(sizes=(1024, 2048, 4096), repeats=5):
@@ -279,9 +338,10 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
         "warmup_s": [round(t, 4) for t in times[:warmup]],
         "iters": iters, **_summary(times[warmup:]),
         "tracings": _tracing_count(learner.train_step)}
-    flops = conv_gflop(learner.train_step.get_concrete_function(
+    convs = conv_ops(learner.train_step.get_concrete_function(
         synthetic_batch(rng, config, config.meta_batch, shape), seeds[0]))
-    result["train"]["conv_gflop"] = {k: round(v, 3) for k, v in flops.items()}
+    result["train"]["conv_gflop"] = {k: round(v, 3) for k, v in conv_gflop(convs).items()}
+    result["train"]["conv_gflop_by_block"] = _rounded(by_block(convs), 3)
 
     if profile:
         batches = [synthetic_batch(rng, config, config.meta_batch, shape)
@@ -466,7 +526,8 @@ def table(results, do_eval, ceiling=None):
 
 
 def profile_table(result, top=12):
-    """Text summary of one result's ``profile`` entry: the top op types."""
+    """Text summary of one result's ``profile`` entry: the top op types, then
+    each block's convolutions by kind."""
     p = result["profile"]
     total = p["thread_s_per_step"]
     lines = [f"\n{result['setting']} {result['model']}: {p['steps']} profiled "
@@ -476,7 +537,31 @@ def profile_table(result, top=12):
              f"({100 * p['conv_thread_s_per_step'] / total:.0f}%)"]
     for op, sec in list(p["ops_thread_s_per_step"].items())[:top]:
         lines.append(f"  {op:<34} {1e3 * sec:8.1f} ms  {100 * sec / total:5.1f}%")
+    gflop = result["train"].get("conv_gflop_by_block")
+    if gflop and "conv_thread_s_by_block" in p:
+        lines.append(conv_block_table(gflop, p["conv_thread_s_by_block"]))
     return "\n".join(lines)
+
+
+def conv_block_table(gflop, thread_s):
+    """Text table of each block's convolutions by kind: GFLOP per
+    meta-iteration, and the GFLOP/s per compute thread they ran at.
+
+    Args:
+      gflop: {block: {kind: GFLOP per iteration}} (the static count).
+      thread_s: {block: {kind: thread seconds per iteration}} (the profile).
+    """
+    def cell(block, kind):
+        g, t = gflop.get(block, {}).get(kind, 0.0), thread_s.get(block, {}).get(kind, 0.0)
+        return f"{g:.1f} @ {g / t:.1f}" if g and t else f"{g:.1f} @ -"
+
+    head = ["  convolutions", "forward", "input gradient", "filter gradient"]
+    rows = [[f"  {block}"] + [cell(block, kind) for kind in CONV_OPS]
+            for block in sorted(set(gflop) | set(thread_s))]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    return "\n".join(["  GFLOP per meta-iteration @ GFLOP/s per compute thread:"] + [
+        "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
+        for row in [head] + rows])
 
 
 def parse_args(argv):

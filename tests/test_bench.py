@@ -13,8 +13,8 @@ import pytest
 
 import tensorflow as tf
 
-from src.bench import (conv_gflop, conv_rate, matmul_ceiling, op_thread_times, parse_args,
-                       write_report)
+from src.bench import (by_block, conv_block_table, conv_gflop, conv_ops, conv_rate,
+                       matmul_ceiling, op_events, op_thread_times, parse_args, write_report)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,9 @@ def _xspace(path):
              2: ("block2/add_3:_MklNativeFusedConv2D", "_MklNativeFusedConv2D"),
              3: ("block1/mul_7:Mul", "Mul"),
              4: ("block1/Softplus_2:Softplus", ""),   # no display name
-             5: ("train_step", "")}
+             5: ("train_step", ""),
+             6: ("gradient_tape/block1/Conv2DBackpropFilter:_MklNativeConv2DBackpropFilter", ""),
+             7: ("gradient_tape/gradient_tape/block2/Conv2D:Conv2D", "Conv2D")}
     for i, (name, display) in names.items():
         plane.event_metadata[i].id = i
         plane.event_metadata[i].name = name
@@ -36,7 +38,8 @@ def _xspace(path):
     events = {"tf_Compute/11": [(1, 0, 9_000_000), (2, 1_000, 6_000_000),
                                 (3, 7_000_000, 1_000_000)],
               "tf_Compute/12": [(1, 0, 5_000_000), (2, 0, 2_000_000),
-                                (4, 2_000_000, 3_000_000)],
+                                (4, 2_000_000, 3_000_000), (6, 5_000_000, 4_000_000),
+                                (7, 9_000_000, 500_000)],
               "python": [(5, 0, 50_000_000)]}
     for line_name, evs in events.items():
         line = plane.lines.add(name=line_name)
@@ -53,10 +56,24 @@ def test_op_thread_times_sums_ops_per_step(tmp_path):
     _xspace(path)
     times = op_thread_times(str(path), steps=2)
     # Executor spans, the python thread and other planes are not op time.
-    assert list(times) == ["_MklNativeFusedConv2D", "Softplus", "Mul"]
+    assert list(times) == ["_MklNativeFusedConv2D", "_MklNativeConv2DBackpropFilter",
+                           "Softplus", "Mul", "Conv2D"]
     assert times["_MklNativeFusedConv2D"] == pytest.approx((6e-6 + 2e-6) / 2)
+    assert times["_MklNativeConv2DBackpropFilter"] == pytest.approx(4e-6 / 2)
     assert times["Softplus"] == pytest.approx(3e-6 / 2)
     assert times["Mul"] == pytest.approx(1e-6 / 2)
+    assert times["Conv2D"] == pytest.approx(0.5e-6 / 2)
+
+
+def test_convolution_thread_times_by_block(tmp_path):
+    """The profile's convolutions grouped by the block in their op name and
+    by kind, whatever oneDNN or the graph optimiser renamed their type to."""
+    path = tmp_path / "x.xplane.pb"
+    _xspace(path)
+    got = by_block(op_events(str(path)))
+    zero = {"Conv2D": 0.0, "Conv2DBackpropInput": 0.0, "Conv2DBackpropFilter": 0.0}
+    assert got == {"block1": {**zero, "Conv2DBackpropFilter": pytest.approx(4e-6)},
+                   "block2": {**zero, "Conv2D": pytest.approx(8e-6 + 0.5e-6)}}
 
 
 # x [2, 5, 5, 3] * w [3, 3, 3, 4], SAME: 2 * (2*5*5*4 outputs) * (3*3*3 taps).
@@ -81,7 +98,7 @@ def test_conv_gflop_counts_only_what_runs():
         del gx
         return gw
 
-    got = conv_gflop(kernel_grad.get_concrete_function())
+    got = conv_gflop(conv_ops(kernel_grad.get_concrete_function()))
     assert got == pytest.approx({"Conv2D": CONV_FLOP, "Conv2DBackpropInput": 0.0,
                                  "Conv2DBackpropFilter": CONV_FLOP})
 
@@ -104,13 +121,49 @@ def test_conv_gflop_second_order_and_stateful_outputs():
             meta = tf.reduce_sum(gx ** 2)
         v.assign(outer.gradient(meta, w))
 
-    got = conv_gflop(second_order.get_concrete_function())
+    got = conv_gflop(conv_ops(second_order.get_concrete_function()))
     # Forward conv; its input gradient (inner); the outer pass differentiates
     # the input gradient (a filter gradient and a convolution) and, through
     # dy = 2y, the forward conv again (one more filter gradient).
     assert got == pytest.approx({"Conv2D": 2 * CONV_FLOP,
                                  "Conv2DBackpropInput": CONV_FLOP,
                                  "Conv2DBackpropFilter": 2 * CONV_FLOP})
+
+
+def test_conv_gflop_by_block():
+    """Two blocks of different sizes, named as the model names its layers,
+    sharing one kernel.  The gradient of a sum needs neither the sum nor
+    block2's output, so block2's forward convolution is pruned; block2 runs
+    an input gradient (towards block1) and a filter gradient, block1 its
+    forward convolution (block2's input) and a filter gradient."""
+    @tf.function(input_signature=_conv_graph_inputs())
+    def two_blocks(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            with tf.name_scope("block1"):
+                h = tf.nn.conv2d(x, w[:, :, :, :3], 1, "SAME")
+            with tf.name_scope("block2"):
+                loss = tf.reduce_sum(tf.nn.conv2d(h, w, 1, "SAME"))
+        return tape.gradient(loss, w)
+
+    got = by_block(conv_ops(two_blocks.get_concrete_function()))
+    # block1 has 3 output channels, block2 4; both have 3 input channels.
+    assert got == {
+        "block1": pytest.approx({"Conv2D": CONV_FLOP * 3 / 4, "Conv2DBackpropInput": 0.0,
+                                 "Conv2DBackpropFilter": CONV_FLOP * 3 / 4}),
+        "block2": pytest.approx({"Conv2D": 0.0, "Conv2DBackpropInput": CONV_FLOP,
+                                 "Conv2DBackpropFilter": CONV_FLOP})}
+
+
+def test_conv_block_table():
+    gflop = {"block1": {"Conv2D": 6.0, "Conv2DBackpropInput": 0.0, "Conv2DBackpropFilter": 3.0}}
+    thread_s = {"block1": {"Conv2D": 0.1, "Conv2DBackpropInput": 0.0,
+                           "Conv2DBackpropFilter": 0.2},
+                "other": {"Conv2D": 0.5, "Conv2DBackpropInput": 0.0,
+                          "Conv2DBackpropFilter": 0.0}}
+    lines = conv_block_table(gflop, thread_s).splitlines()
+    assert lines[2].split() == ["block1", "6.0", "@", "60.0", "0.0", "@", "-", "3.0", "@", "15.0"]
+    assert lines[3].split() == ["other", "0.0", "@", "-", "0.0", "@", "-", "0.0", "@", "-"]
 
 
 def test_conv_rate_and_ceiling():
@@ -147,6 +200,17 @@ def test_profiled_bench_run(tmp_path):
     assert set(entry["train"]["conv_gflop"]) == {
         "Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"}
     assert all(g > 0 for g in entry["train"]["conv_gflop"].values())
+    # The same convolutions by block: the four blocks, summing to the totals,
+    # and the profile found each block's convolutions under its name.
+    by_block_gflop = entry["train"]["conv_gflop_by_block"]
+    assert sorted(by_block_gflop) == ["block1", "block2", "block3", "block4"]
+    for kind, total in entry["train"]["conv_gflop"].items():
+        assert sum(row[kind] for row in by_block_gflop.values()) == pytest.approx(total, abs=2e-3)
+    by_block_s = prof["conv_thread_s_by_block"]
+    assert sorted(by_block_s) == ["block1", "block2", "block3", "block4"]
+    assert sum(sum(row.values()) for row in by_block_s.values()) == pytest.approx(
+        prof["conv_thread_s_per_step"], rel=1e-3)
+    assert "GFLOP per meta-iteration @ GFLOP/s per compute thread" in proc.stdout
 
 
 def test_report_written_per_entry(tmp_path):
