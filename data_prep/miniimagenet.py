@@ -265,6 +265,39 @@ def _base_manifest() -> dict:
 # The two sources
 # --------------------------------------------------------------------------
 
+def _read_splits(splits_dir: Path, classes_per_split: dict[str, int],
+                 images_per_class: int):
+    """Reads and checks ``{split}.csv`` of every split in ``classes_per_split``.
+
+    Returns ({split: [(label, [filename, ...]), ...]}, {"{split}.csv": sha256}).
+    Raises DataPrepError on a missing or malformed csv, wrong counts, or a
+    class listed in two splits.
+    """
+    missing_csvs = [str(splits_dir / f"{split}.csv") for split in classes_per_split
+                    if not (splits_dir / f"{split}.csv").is_file()]
+    if missing_csvs:
+        raise DataPrepError(
+            f"split file not found: {', '.join(missing_csvs)}. --splits must be the folder "
+            f"holding Ravi & Larochelle's train.csv, val.csv and test.csv.")
+    split_classes: dict[str, list[tuple[str, list[str]]]] = {}
+    split_of_label: dict[str, str] = {}
+    csv_sha256 = {}
+    for split, n_classes in classes_per_split.items():
+        csv_path = splits_dir / f"{split}.csv"
+        classes = read_split_csv(csv_path)
+        check_split(split, csv_path, classes, n_classes, images_per_class)
+        for label, _ in classes:
+            if label in split_of_label:
+                raise DataPrepError(
+                    f"class {label} is listed in both {split_of_label[label]}.csv and "
+                    f"{split}.csv; the miniImageNet splits are disjoint. Use the "
+                    f"unmodified split files of Ravi & Larochelle.")
+            split_of_label[label] = split
+        split_classes[split] = classes
+        csv_sha256[f"{split}.csv"] = _sha256(csv_path)
+    return split_classes, csv_sha256
+
+
 def prepare_from_images(images_dir, splits_dir, out_dir, *,
                         images_per_class: int = IMAGES_PER_CLASS,
                         classes_per_split: dict[str, int] | None = None,
@@ -287,31 +320,8 @@ def prepare_from_images(images_dir, splits_dir, out_dir, *,
     images_dir, splits_dir, out_dir = Path(images_dir), Path(splits_dir), Path(out_dir)
     if classes_per_split is None:
         classes_per_split = dict(CLASSES_PER_SPLIT)
-
-    missing_csvs = [str(splits_dir / f"{split}.csv") for split in classes_per_split
-                    if not (splits_dir / f"{split}.csv").is_file()]
-    if missing_csvs:
-        raise DataPrepError(
-            f"split file not found: {', '.join(missing_csvs)}. --splits must be the folder "
-            f"holding Ravi & Larochelle's train.csv, val.csv and test.csv.")
-
     # Read and check every csv before any heavy work.
-    split_classes: dict[str, list[tuple[str, list[str]]]] = {}
-    split_of_label: dict[str, str] = {}
-    csv_sha256 = {}
-    for split, n_classes in classes_per_split.items():
-        csv_path = splits_dir / f"{split}.csv"
-        classes = read_split_csv(csv_path)
-        check_split(split, csv_path, classes, n_classes, images_per_class)
-        for label, _ in classes:
-            if label in split_of_label:
-                raise DataPrepError(
-                    f"class {label} is listed in both {split_of_label[label]}.csv and "
-                    f"{split}.csv; the miniImageNet splits are disjoint. Use the "
-                    f"unmodified split files of Ravi & Larochelle.")
-            split_of_label[label] = split
-        split_classes[split] = classes
-        csv_sha256[f"{split}.csv"] = _sha256(csv_path)
+    split_classes, csv_sha256 = _read_splits(splits_dir, classes_per_split, images_per_class)
 
     manifest = _base_manifest()
     manifest["source"] = {
@@ -372,33 +382,16 @@ def _check_npy_chunk(x: np.ndarray, path: Path, c: int) -> None:
             f"convert the file to uint8 first).")
 
 
-def prepare_from_npy(npy_dir, out_dir, *,
-                     images_per_class: int = IMAGES_PER_CLASS,
-                     classes_per_split: dict[str, int] | None = None,
-                     force: bool = False, verbose: bool = True) -> dict:
-    """Convert the original code's train.npy / test.npy (and val.npy) to uint8.
+def _open_npy_sources(npy_dir: Path, classes_per_split: dict[str, int],
+                      images_per_class: int):
+    """Memory-maps and checks ``{split}.npy`` of every split; only "val" may
+    be missing.
 
-    In:
-      npy_dir: folder holding ``train.npy`` [64, 600, 21168] and ``test.npy``
-        [20, 600, 21168], float in [0, 1] or uint8; ``val.npy`` [16, 600,
-        21168] is optional (the original release has none).
-      out_dir: output folder (created if needed).
-      images_per_class, classes_per_split: expected shapes, as in
-        :func:`prepare_from_images`. Every split listed except "val" is required.
-      force: rebuild even if complete outputs with a matching manifest exist.
-    Out: the manifest dict, also written to OUT/manifest.json. Files written:
-      OUT/{split}.npy, uint8 [n_classes, images_per_class, 21168], equal to
-      round(255 * x) for float sources and to the source for uint8 ones. A
-      stale OUT/val.npy is removed when there is no val source.
-    Raises DataPrepError on a missing file, a wrong shape or dtype, or float
-    values outside [0, 1].
+    Returns ({split: (path, memmapped array)}, {missing split: reason}).
+    Raises DataPrepError on a missing or unreadable file, or a wrong shape
+    or dtype.
     """
-    npy_dir, out_dir = Path(npy_dir), Path(out_dir)
-    if classes_per_split is None:
-        classes_per_split = dict(CLASSES_PER_SPLIT)
-
-    sources = {}  # split -> (path, memmapped array)
-    missing_splits = {}
+    sources, missing_splits = {}, {}
     for split, n_classes in classes_per_split.items():
         path = npy_dir / f"{split}.npy"
         if not path.is_file():
@@ -426,6 +419,36 @@ def prepare_from_npy(npy_dir, out_dir, *,
                 f"{path} has dtype {arr.dtype}; expected float in [0, 1] or uint8. "
                 f"Convert the file to one of these.")
         sources[split] = (path, arr)
+    return sources, missing_splits
+
+
+def prepare_from_npy(npy_dir, out_dir, *,
+                     images_per_class: int = IMAGES_PER_CLASS,
+                     classes_per_split: dict[str, int] | None = None,
+                     force: bool = False, verbose: bool = True) -> dict:
+    """Convert the original code's train.npy / test.npy (and val.npy) to uint8.
+
+    In:
+      npy_dir: folder holding ``train.npy`` [64, 600, 21168] and ``test.npy``
+        [20, 600, 21168], float in [0, 1] or uint8; ``val.npy`` [16, 600,
+        21168] is optional (the original release has none).
+      out_dir: output folder (created if needed).
+      images_per_class, classes_per_split: expected shapes, as in
+        :func:`prepare_from_images`. Every split listed except "val" is required.
+      force: rebuild even if complete outputs with a matching manifest exist.
+    Out: the manifest dict, also written to OUT/manifest.json. Files written:
+      OUT/{split}.npy, uint8 [n_classes, images_per_class, 21168], equal to
+      round(255 * x) for float sources and to the source for uint8 ones. A
+      stale OUT/val.npy is removed when there is no val source.
+    Raises DataPrepError on a missing file, a wrong shape or dtype, or float
+    values outside [0, 1].
+    """
+    npy_dir, out_dir = Path(npy_dir), Path(out_dir)
+    if classes_per_split is None:
+        classes_per_split = dict(CLASSES_PER_SPLIT)
+
+    sources, missing_splits = _open_npy_sources(npy_dir, classes_per_split,
+                                                images_per_class)
 
     manifest = _base_manifest()
     manifest["source"] = {
