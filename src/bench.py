@@ -305,26 +305,8 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
     _, learner = build(config)
     build_s = time.perf_counter() - tic
     shape = image_shape(config)
+    result = {**_setting_info(config, shape), "build_s": build_s}
     rng = np.random.default_rng(config.seed)
-    result = {
-        "dataset": config.dataset, "way": config.way, "shot": config.shot,
-        "query": config.query, "meta_batch": config.meta_batch,
-        "inner_steps": config.inner_steps, "noise": config.noise,
-        "learner": config.learner, "first_order": config.first_order,
-        "mc_samples": meta_train_samples(config),
-        "fused_bn": config.fused_bn,
-        "shapes": {
-            "support_x": [config.meta_batch, config.way * config.shot, *shape],
-            "query_x": [config.meta_batch, config.way * config.query, *shape]},
-        "build_s": build_s,
-        "threads": {
-            "config_intra_op": config.intra_op_threads,
-            "config_inter_op": config.inter_op_threads,
-            "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-            "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
-        "tf_version": tf.__version__,
-        "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-    }
 
     def train(batch, seed):
         return float(learner.train_step(batch, seed)["loss"])
@@ -350,28 +332,55 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
         seeds = [tf.constant([config.seed, n + it], tf.int64)
                  for it in range(1, profile + 1)]
         result["profile"] = profile_steps(train, batches, seeds)
-
     if do_eval:
-        mc = meta_test_samples(config)
-        episodes = config.eval_batch
-
-        def evaluate(batch, seed):
-            return learner.eval_step(batch, seed, mc).numpy()
-
-        n = warmup + eval_iters
-        batches = (synthetic_batch(rng, config, episodes, shape) for _ in range(n))
-        seeds = [tf.constant([config.test_seed, i], tf.int64) for i in range(n)]
-        times = _timed(evaluate, batches, seeds)
-        result["eval"] = {
-            "mc_samples": mc, "episodes_per_call": episodes,
-            "trace_s": times[0] if warmup else None,
-            "warmup_s": [round(t, 4) for t in times[:warmup]],
-            "calls": eval_iters, **_summary(times[warmup:], per=episodes),
-            "tracings": _tracing_count(learner.eval_step)}
-
+        result["eval"] = _time_eval(learner, config, rng, shape, warmup, eval_iters)
     # Linux reports ru_maxrss in KiB.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def _setting_info(config, shape):
+    """What a result records of its config, episode shapes and threads."""
+    import tensorflow as tf
+    return {
+        "dataset": config.dataset, "way": config.way, "shot": config.shot,
+        "query": config.query, "meta_batch": config.meta_batch,
+        "inner_steps": config.inner_steps, "noise": config.noise,
+        "learner": config.learner, "first_order": config.first_order,
+        "mc_samples": meta_train_samples(config),
+        "fused_bn": config.fused_bn,
+        "shapes": {
+            "support_x": [config.meta_batch, config.way * config.shot, *shape],
+            "query_x": [config.meta_batch, config.way * config.query, *shape]},
+        "threads": {
+            "config_intra_op": config.intra_op_threads,
+            "config_inter_op": config.inter_op_threads,
+            "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+        "tf_version": tf.__version__,
+        "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+    }
+
+
+def _time_eval(learner, config, rng, shape, warmup, calls):
+    """Times ``learner.eval_step`` on ``warmup`` + ``calls`` synthetic calls of
+    ``eval_batch`` episodes each; returns the result's ``eval`` entry."""
+    import tensorflow as tf
+    mc = meta_test_samples(config)
+    episodes = config.eval_batch
+
+    def evaluate(batch, seed):
+        return learner.eval_step(batch, seed, mc).numpy()
+
+    n = warmup + calls
+    batches = (synthetic_batch(rng, config, episodes, shape) for _ in range(n))
+    seeds = [tf.constant([config.test_seed, i], tf.int64) for i in range(n)]
+    times = _timed(evaluate, batches, seeds)
+    return {"mc_samples": mc, "episodes_per_call": episodes,
+            "trace_s": times[0] if warmup else None,
+            "warmup_s": [round(t, 4) for t in times[:warmup]],
+            "calls": calls, **_summary(times[warmup:], per=episodes),
+            "tracings": _tracing_count(learner.eval_step)}
 
 
 # ---------------------------------------------------------------------------

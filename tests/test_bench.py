@@ -226,3 +226,25 @@ def test_report_written_per_entry(tmp_path):
     assert report["args"]["settings"] == ["omniglot_1shot", "omniglot_5shot"]
     write_report(args, {"cpu_model": "x"}, report["results"] + [{"setting": "omniglot_5shot"}])
     assert json.loads(out.read_text())["complete"] is True
+
+
+def test_bench_eval_entry(tmp_path):
+    """--eval times the meta-test step per episode, with the config's S and
+    episodes per call."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.bench", "--settings", "omniglot_1shot",
+         "--models", "metadrop", "--iters", "1", "--warmup", "1", "--eval",
+         "--eval-iters", "2", "--set", "way=5", "--set", "query=2",
+         "--set", "inner_steps=1", "--set", "meta_batch=2", "--set", "test_mc_samples=3",
+         "--set", "eval_batch=2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry, = json.loads(out.read_text())["results"]
+    ev = entry["eval"]
+    assert (ev["mc_samples"], ev["episodes_per_call"], ev["calls"]) == (3, 2, 2)
+    assert len(ev["times_s"]) == 2 and len(ev["warmup_s"]) == 1
+    # Seconds per episode: each call's time over its two episodes.
+    assert ev["median_s"] == pytest.approx(sum(ev["times_s"]) / 2 / 2, rel=0.01, abs=1e-4)
+    assert ev["tracings"] == 1
+    assert "(S=3)" in proc.stdout
