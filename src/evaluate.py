@@ -42,6 +42,17 @@ from src.train import (build, configure_tensorflow, evaluate_episodes, find_chec
                        make_checkpoint, restore_trained, trained_run_parser)
 
 
+def results_path(workdir, checkpoint, chosen, variant):
+    """Where the results of ``checkpoint`` (a path in ``workdir``) go:
+    results.json, with ``.ckpt-N`` inserted if the checkpoint was ``chosen``
+    by ``--checkpoint`` and is not the latest, and ``.<variant>`` for a
+    variant (``records.variant_name``, '' for none)."""
+    name = os.path.basename(checkpoint)
+    earlier = chosen and name != latest_checkpoint(workdir)
+    parts = ["results"] + ([name] if earlier else []) + ([variant] if variant else [])
+    return os.path.join(workdir, ".".join(parts + ["json"]))
+
+
 def evaluate(config, workdir, iteration=None):
     """Evaluates the run in ``workdir`` under ``config`` (its config.yaml
     plus overrides), from its checkpoint of ``iteration`` (default: the
@@ -59,12 +70,7 @@ def evaluate(config, workdir, iteration=None):
     config_dict = dataclasses.asdict(config)
     run_config = dataclasses.asdict(load_config(os.path.join(workdir, "config.yaml")))
     variant = records.variant_name(run_config, config_dict)
-    # An earlier checkpoint than the latest is a variant of its own.
-    earlier = (iteration is not None
-               and os.path.basename(checkpoint) != latest_checkpoint(workdir))
-    name = ".".join(["results"] + ([os.path.basename(checkpoint)] if earlier else [])
-                    + ([variant] if variant else []) + ["json"])
-    path = os.path.join(workdir, name)
+    path = results_path(workdir, checkpoint, iteration is not None, variant)
     key = records.record_key(config_dict, checkpoint, data)
     recorded = records.load(workdir, key)
     # Whole batches only: a batch's noise depends on its size.
