@@ -1,7 +1,9 @@
 """The benchmark's profile: op thread times read from a tf.profiler XSpace
-(checked on a hand-built XSpace whose totals are known); its convolution
-FLOP count (checked against counts by hand on small graphs); and one
-profiled run through the real CLI (a subprocess; ~30-60 s on 2 cores)."""
+(checked on a hand-built XSpace whose totals are known), overall and for
+each block's convolutions; its convolution FLOP count, overall and by block
+(checked against counts by hand on small graphs); and profiled and
+meta-test runs through the real CLI (subprocesses; ~15-60 s each on 2
+cores)."""
 
 import json
 import os
