@@ -156,17 +156,17 @@ def op_events(xspace_path):
                 yield name, meta.display_name or op_type, event.duration_ps * 1e-12
 
 
-def op_thread_times(xspace_path, steps):
+def op_thread_times(events, steps):
     """Thread time per op type, summed over the compute threads.
 
     Args:
-      xspace_path: as in ``op_events``.
+      events: (op name, op type, seconds) triples, as ``op_events`` yields.
       steps: meta-iterations profiled, to express the times per iteration.
     Returns:
       {op type: seconds per iteration}, largest first.
     """
     totals = {}
-    for _, op_type, sec in op_events(xspace_path):
+    for _, op_type, sec in events:
         totals[op_type] = totals.get(op_type, 0.0) + sec / steps
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
@@ -212,9 +212,9 @@ def profile_steps(step, batches, seeds):
         times = _timed(step, batches, seeds)
         tf.profiler.experimental.stop()
         path, = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
-        ops = op_thread_times(path, len(times))
-        conv = by_block((name, op_type, sec / len(times))
-                        for name, op_type, sec in op_events(path))
+        events = list(op_events(path))
+    ops = op_thread_times(events, len(times))
+    conv = by_block((name, op_type, sec / len(times)) for name, op_type, sec in events)
     return {"steps": len(times), "wall_s_per_step": sum(times) / len(times),
             "thread_s_per_step": sum(ops.values()),
             "conv_thread_s_per_step": sum(v for k, v in ops.items() if conv_kind(k)),

@@ -56,7 +56,7 @@ def _xspace(path):
 def test_op_thread_times_sums_ops_per_step(tmp_path):
     path = tmp_path / "x.xplane.pb"
     _xspace(path)
-    times = op_thread_times(str(path), steps=2)
+    times = op_thread_times(op_events(str(path)), steps=2)
     # Executor spans, the python thread and other planes are not op time.
     assert list(times) == ["_MklNativeFusedConv2D", "_MklNativeConv2DBackpropFilter",
                            "Softplus", "Mul", "Conv2D"]
