@@ -223,9 +223,9 @@ def profile_steps(step, batches, seeds):
 
 
 def _conv_flops(op):
-    """Multiply-adds x 2 of one convolution op (forward, input or filter
-    gradient: all three cost the forward convolution's 2 * outputs * kh *
-    kw * c_in); None for any other op."""
+    """Multiply-adds x 2 of one convolution op, of a type in ``CONV_OPS``
+    (forward, input or filter gradient: all three cost the forward
+    convolution's 2 * outputs * kh * kw * c_in)."""
     if op.type == "Conv2D":
         kernel, out = op.inputs[1].shape, op.outputs[0].shape
     elif op.type == "Conv2DBackpropInput":
@@ -233,7 +233,7 @@ def _conv_flops(op):
     elif op.type == "Conv2DBackpropFilter":
         kernel, out = op.outputs[0].shape, op.inputs[2].shape
     else:
-        return None
+        raise ValueError(f"{op.name} is a {op.type}, not one of {CONV_OPS}")
     return 2 * out.num_elements() * kernel[0] * kernel[1] * kernel[2]
 
 
