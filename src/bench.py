@@ -630,6 +630,73 @@ def write_report(args, machine, results):
         json.dump(report, f, indent=2)
 
 
+def _check_configs(args):
+    """Stops with the config error, if any, before minutes go on children."""
+    for setting in args.settings:
+        for model in args.models:
+            path = config_path(setting, model)
+            if os.path.exists(path):
+                try:
+                    load_config(path, args.set)
+                except ConfigError as e:
+                    sys.exit(f"error: {e}")
+
+
+def _warn_if_busy(machine):
+    load, cpus = machine["load_average_1_5_15"][0], machine["cpus_usable"] or 1
+    if load > 0.5 * cpus:
+        print(f"warning: load average {load} on {cpus} CPUs: other processes are "
+              "running, the timings will be too slow", file=sys.stderr, flush=True)
+
+
+def _run_all(args, machine):
+    """Benchmarks every setting x model in its own process; returns the
+    entries, rewriting the report after each so an interrupted run keeps
+    what it measured."""
+    results = []
+    for setting in args.settings:
+        for model in args.models:
+            print(f"benchmarking {setting} {model} ...", file=sys.stderr, flush=True)
+            entry = run_one(setting, model, args)
+            if "error" in entry:
+                print(f"  error: {entry['error']}\n{entry.get('stderr_tail', '')}",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"  {_fmt(entry['train'].get('median_s'))} s/iter, "
+                      f"{entry['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            results.append(entry)
+            write_report(args, machine, results)
+    return results
+
+
+def print_report(args, machine, results):
+    """Prints the machine line, the ceiling (if measured), the table and the
+    profiles of ``results``."""
+    env = machine["env"]
+    threads = next((r["threads"] for r in results if "threads" in r), {})
+    print(f"{machine['cpu_model']}, {machine['cpus_usable']} CPUs, "
+          f"TensorFlow {machine['tensorflow']}, TF_ENABLE_ONEDNN_OPTS="
+          f"{env['TF_ENABLE_ONEDNN_OPTS']}, threads intra/inter "
+          f"{threads.get('tf_intra_op', '?')}/{threads.get('tf_inter_op', '?')}, "
+          f"load {machine['load_average_1_5_15'][0]}")
+    print(f"{DATA_NOTE}; {args.warmup} warm-up + {args.iters} timed steps"
+          + (f" (overrides: {' '.join(args.set)})" if args.set else ""))
+    ceiling = None
+    rates = machine.get("matmul_gflops")
+    if isinstance(rates, dict):
+        ceiling = max(rates.values())
+        print("float32 matrix products through TensorFlow (the ceiling): "
+              + ", ".join(f"{n}x{n} {r:.0f} GFLOP/s" for n, r in rates.items()))
+    elif rates is not None:
+        print(f"float32 matrix products through TensorFlow (the ceiling): "
+              f"not measured ({rates})")
+    print(table(results, args.eval, ceiling))
+    for r in results:
+        if "profile" in r:
+            print(profile_table(r))
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child or args.child_ceiling:
@@ -640,61 +707,14 @@ def main(argv=None):
             json.dump(result, f)
         return 0
 
-    # Check the configs and overrides before spending minutes on children.
-    for setting in args.settings:
-        for model in args.models:
-            path = config_path(setting, model)
-            if os.path.exists(path):
-                try:
-                    load_config(path, args.set)
-                except ConfigError as e:
-                    sys.exit(f"error: {e}")
-
+    _check_configs(args)
     machine = machine_info()
-    if machine["load_average_1_5_15"][0] > 0.5 * (machine["cpus_usable"] or 1):
-        print(f"warning: load average {machine['load_average_1_5_15'][0]} on "
-              f"{machine['cpus_usable']} CPUs: other processes are running, the "
-              "timings will be too slow", file=sys.stderr, flush=True)
-    ceiling = None
+    _warn_if_busy(machine)
     if args.ceiling:
         print("measuring the matrix-product ceiling ...", file=sys.stderr, flush=True)
-        rates = machine["matmul_gflops"] = measure_ceiling()
-        ceiling = max(rates.values()) if isinstance(rates, dict) else None
-    results = []
-    for setting in args.settings:
-        for model in args.models:
-            print(f"benchmarking {setting} {model} ...", file=sys.stderr, flush=True)
-            entry = run_one(setting, model, args)
-            if "error" in entry:
-                print(f"  error: {entry['error']}\n{entry.get('stderr_tail', '')}",
-                      file=sys.stderr, flush=True)
-            else:
-                t = entry["train"]
-                print(f"  {_fmt(t.get('median_s'))} s/iter, {entry['peak_rss_mb']:.0f} MB",
-                      file=sys.stderr, flush=True)
-            results.append(entry)
-            # Written after every entry, so an interrupted benchmark keeps what it measured.
-            write_report(args, machine, results)
-
-    env = machine["env"]
-    threads = next((r["threads"] for r in results if "threads" in r), {})
-    print(f"{machine['cpu_model']}, {machine['cpus_usable']} CPUs, "
-          f"TensorFlow {machine['tensorflow']}, TF_ENABLE_ONEDNN_OPTS="
-          f"{env['TF_ENABLE_ONEDNN_OPTS']}, threads intra/inter "
-          f"{threads.get('tf_intra_op', '?')}/{threads.get('tf_inter_op', '?')}, "
-          f"load {machine['load_average_1_5_15'][0]}")
-    print(f"{DATA_NOTE}; {args.warmup} warm-up + {args.iters} timed steps"
-          + (f" (overrides: {' '.join(args.set)})" if args.set else ""))
-    if args.ceiling:
-        rates = machine["matmul_gflops"]
-        print("float32 matrix products through TensorFlow (the ceiling): " + (
-            ", ".join(f"{n}x{n} {r:.0f} GFLOP/s" for n, r in rates.items())
-            if isinstance(rates, dict) else f"not measured ({rates})"))
-    print(table(results, args.eval, ceiling))
-    for r in results:
-        if "profile" in r:
-            print(profile_table(r))
-    print(f"wrote {args.out}")
+        machine["matmul_gflops"] = measure_ceiling()
+    results = _run_all(args, machine)
+    print_report(args, machine, results)
     return 1 if any("error" in r for r in results) else 0
 
 

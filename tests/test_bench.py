@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 
 from src.bench import (by_block, conv_block_table, conv_gflop, conv_ops, conv_rate,
-                       matmul_ceiling, op_events, op_thread_times, parse_args, write_report)
+                       matmul_ceiling, op_events, op_thread_times, parse_args, print_report,
+                       write_report)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,6 +176,31 @@ def test_conv_rate_and_ceiling():
     assert conv_rate({"median_s": 1.0}) == "-"
     rates = matmul_ceiling(sizes=(64, 128), repeats=2)
     assert sorted(rates) == [64, 128] and all(r > 0 for r in rates.values())
+
+
+def _printed_report(capsys, rates):
+    machine = {"cpu_model": "cpu", "cpus_usable": 2, "tensorflow": "2.15.1",
+               "env": {"TF_ENABLE_ONEDNN_OPTS": None}, "load_average_1_5_15": [0.0, 0, 0]}
+    if rates is not None:
+        machine["matmul_gflops"] = rates
+    result = {"setting": "omniglot_1shot", "model": "maml", "peak_rss_mb": 1000.0,
+              "shapes": {"support_x": [4, 20, 28, 28, 1], "query_x": [4, 300, 28, 28, 1]},
+              "train": {"trace_s": 9.0, "median_s": 2.0, "min_s": 1.9, "max_s": 2.1,
+                        "conv_gflop": {"Conv2D": 100.0, "Conv2DBackpropFilter": 60.0}}}
+    print_report(parse_args(["--iters", "3"]), machine, [result])
+    return capsys.readouterr().out
+
+
+def test_print_report_ceiling(capsys):
+    # 160 GFLOP in 2 s is 80 GFLOP/s: 50% of the best product, 160 GFLOP/s.
+    out = _printed_report(capsys, {1024: 120.0, 2048: 160.0})
+    assert "1024x1024 120 GFLOP/s, 2048x2048 160 GFLOP/s" in out
+    assert "160.0 @ 80.0, 50%" in out and "of ceiling" in out
+    out = _printed_report(capsys, "child failed: boom")
+    assert "(the ceiling): not measured (child failed: boom)" in out
+    assert "160.0 @ 80.0" in out and "50%" not in out
+    out = _printed_report(capsys, None)
+    assert "the ceiling" not in out and "160.0 @ 80.0" in out
 
 
 def test_profiled_bench_run(tmp_path):
