@@ -53,6 +53,27 @@ def results_path(workdir, checkpoint, chosen, variant):
     return os.path.join(workdir, ".".join(parts + ["json"]))
 
 
+def _resumable_accuracies(learner, config, images, workdir, key):
+    """Accuracies [test_episodes] of the fixed test episodes, continuing from
+    (and extending) the per-episode record stored under ``key`` in workdir;
+    also returns how many episodes came from that record."""
+    recorded = records.load(workdir, key)
+    # Whole batches only: a batch's noise depends on its size.
+    kept = min(len(recorded), config.test_episodes) // config.eval_batch * config.eval_batch
+    if kept:
+        print(f"continuing from {kept} episodes in "
+              f"{os.path.join(workdir, records.FILENAME)}", flush=True)
+
+    def save(accs):  # never shortens a longer record (e.g. 1000 -> 200)
+        if len(accs) > len(recorded):
+            records.save(workdir, key, accs)
+
+    accs = evaluate_episodes(learner, config, images, config.test_episodes,
+                             seed=config.test_seed, progress=True,
+                             done=recorded[:kept], on_batch=save)
+    return accs, kept
+
+
 def evaluate(config, workdir, iteration=None):
     """Evaluates the run in ``workdir`` under ``config`` (its config.yaml
     plus overrides), from its checkpoint of ``iteration`` (default: the
@@ -72,21 +93,8 @@ def evaluate(config, workdir, iteration=None):
     variant = records.variant_name(run_config, config_dict)
     path = results_path(workdir, checkpoint, iteration is not None, variant)
     key = records.record_key(config_dict, checkpoint, data)
-    recorded = records.load(workdir, key)
-    # Whole batches only: a batch's noise depends on its size.
-    kept = min(len(recorded), config.test_episodes) // config.eval_batch * config.eval_batch
-    if kept:
-        print(f"continuing from {kept} episodes in "
-              f"{os.path.join(workdir, records.FILENAME)}", flush=True)
-
-    def save(accs):  # never shortens a longer record (e.g. 1000 -> 200)
-        if len(accs) > len(recorded):
-            records.save(workdir, key, accs)
-
     tic = time.time()
-    accs = evaluate_episodes(learner, config, images, config.test_episodes,
-                             seed=config.test_seed, progress=True,
-                             done=recorded[:kept], on_batch=save)
+    accs, kept = _resumable_accuracies(learner, config, images, workdir, key)
     mean, ci95 = summarize(accs)
     results = {
         "accuracy": round(mean, 4), "ci95": round(ci95, 4),
