@@ -164,6 +164,28 @@ def not_run_reason(setting, model, workdir, display, config, iters):
     return f"not run ({main})", "not run: " + "; ".join(reasons)
 
 
+def _result_notes(r, latest, run_error=None):
+    """What a reader of the cell must know about a results.json ``r``:
+    shortened or incomplete training, a non-official episode count, an
+    earlier checkpoint than ``latest``, and this run's error if any."""
+    trained = r["iterations_trained"]
+    notes = []
+    if trained < report.OFFICIAL_ITERATIONS:
+        notes.append(f"shortened run: {trained} of {report.OFFICIAL_ITERATIONS} "
+                     "iterations")
+    if r["iterations_configured"] > trained:
+        notes.append(f"training incomplete ({trained} of "
+                     f"{r['iterations_configured']} configured)")
+    if r["episodes"] != report.OFFICIAL_EPISODES:
+        notes.append(f"{r['episodes']} test episodes, paper "
+                     f"{report.OFFICIAL_EPISODES}")
+    if latest and r.get("checkpoint") and latest != r["checkpoint"]:
+        notes.append(f"evaluated at {r['checkpoint']}, latest is {latest}")
+    if run_error:
+        notes.append(f"this run: {run_error}")
+    return notes
+
+
 def collect_cell(setting, model, runs_root, iters=None, run_error=None):
     """One cell: a dict of the src.report row plus structured fields."""
     name = workdir_name(setting, model, iters)
@@ -198,21 +220,7 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
             "shortened": trained < report.OFFICIAL_ITERATIONS,
             "checkpoint": r.get("checkpoint"),
         })
-        latest = report.latest_checkpoint(workdir)
-        notes = []
-        if cell["shortened"]:
-            notes.append(f"shortened run: {trained} of {report.OFFICIAL_ITERATIONS} "
-                         "iterations")
-        if r["iterations_configured"] > trained:
-            notes.append(f"training incomplete ({trained} of "
-                         f"{r['iterations_configured']} configured)")
-        if r["episodes"] != report.OFFICIAL_EPISODES:
-            notes.append(f"{r['episodes']} test episodes, paper "
-                         f"{report.OFFICIAL_EPISODES}")
-        if latest and r.get("checkpoint") and latest != r["checkpoint"]:
-            notes.append(f"evaluated at {r['checkpoint']}, latest is {latest}")
-        if run_error:
-            notes.append(f"this run: {run_error}")
+        notes = _result_notes(r, report.latest_checkpoint(workdir), run_error)
         cell["notes"] = notes
         cell["text"] = row[OURS] + (f" ({'; '.join(notes)})" if notes else "")
     elif os.path.exists(path):
