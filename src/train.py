@@ -306,10 +306,10 @@ def train(config, workdir):
     save_config(config, os.path.join(workdir, "config.yaml"))
     configure_tensorflow(config)
 
-    train_images = data_lib.load_split(os.path.join(config.data_dir, "train.npy"))
     sampler = data_lib.EpisodeSampler(
-        train_images, image_shape(config), config.way, config.shot,
-        config.query, seed=config.seed, shared_classes=config.shared_classes)
+        data_lib.load_split(os.path.join(config.data_dir, "train.npy")),
+        image_shape(config), config.way, config.shot, config.query,
+        seed=config.seed, shared_classes=config.shared_classes)
     val_images = (data_lib.load_split(val_split_path(config))
                   if config.val_every else None)
 
@@ -334,11 +334,7 @@ def train(config, workdir):
             _log_progress(log, it, config, window, t0, start, learner, batch)
             window = []
         if config.val_every and it % config.val_every == 0:
-            accs = evaluate_episodes(learner, config, val_images,
-                                     config.val_episodes, seed=config.test_seed + 1)
-            log.scalars(it, {"val/accuracy": float(np.mean(accs))})
-            log.line(f"iter {it}: validation accuracy {100 * np.mean(accs):.2f}% "
-                     f"on {len(accs)} fixed episodes")
+            _validate(log, it, learner, config, val_images)
         save = it % config.ckpt_every == 0 or it == config.iterations
         keep = kept is not None and it % config.ckpt_keep_every == 0
         if save or keep:
@@ -348,6 +344,16 @@ def train(config, workdir):
         if keep:
             kept.save(checkpoint_number=it)
     return int(step)
+
+
+def _validate(log, it, learner, config, val_images):
+    """Logs the mean accuracy on the fixed validation episodes (the same at
+    every call: seeded by ``test_seed + 1``)."""
+    accs = evaluate_episodes(learner, config, val_images, config.val_episodes,
+                             seed=config.test_seed + 1)
+    log.scalars(it, {"val/accuracy": float(np.mean(accs))})
+    log.line(f"iter {it}: validation accuracy {100 * np.mean(accs):.2f}% "
+             f"on {len(accs)} fixed episodes")
 
 
 def _log_progress(log, it, config, window, t0, start, learner, batch):
