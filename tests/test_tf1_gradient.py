@@ -84,7 +84,11 @@ def test_map_fn_drops_terms_that_bn_second_order_false_drops(gradients):
 
 def test_explicit_batch_norm_drops_the_same_terms(gradients):
     """The non-fused path (float64, or several noise samples per pass)."""
-    assert relative(gradients["cut_explicit"], gradients["map_fn"]) < 1e-4
+    # Other kernels, other float32 rounding: on this episode both float32
+    # meta-gradients, fused and explicit, lie 5-8e-4 from the float64 one
+    # (measured on a Zen 4 EPYC, where explicit and fused differ by 1.5e-4;
+    # under 1e-4 on earlier CPUs). The terms the cut drops make 0.3 or more.
+    assert relative(gradients["cut_explicit"], gradients["map_fn"]) < 2e-3
 
 
 def test_first_derivative_is_unchanged():
