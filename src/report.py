@@ -136,15 +136,22 @@ def paper_entry(config):
     return f"{mean:.2f} ± {ci:.2f}" + (f" ({rerun:.2f})" if rerun is not None else "")
 
 
-def iterations_note(trained, configured):
-    """'60000 / 60000', or a shortened-run marker."""
-    text = f"{trained} / {configured}"
+def training_notes(trained, configured):
+    """The notes a result trained for ``trained`` of ``configured``
+    iterations needs: a shortened-run marker below the official schedule,
+    and an incomplete-training one below its own; [] for a full run."""
     notes = []
     if trained < OFFICIAL_ITERATIONS:
-        notes.append(f"shortened run ({trained} of {OFFICIAL_ITERATIONS} iterations)")
+        notes.append(f"shortened run: {trained} of {OFFICIAL_ITERATIONS} iterations")
     if trained < configured:
-        notes.append(f"training incomplete ({trained} of {configured} configured)")
-    return text + ("; " + "; ".join(notes) if notes else "")
+        notes.append(f"training incomplete: {trained} of {configured} configured")
+    return notes
+
+
+def iterations_note(trained, configured):
+    """'60000 / 60000', followed by ``training_notes`` if any."""
+    notes = training_notes(trained, configured)
+    return f"{trained} / {configured}" + ("; " + "; ".join(notes) if notes else "")
 
 
 def _result_cells(r, config):

@@ -168,14 +168,7 @@ def _result_notes(r, latest, run_error=None):
     """What a reader of the cell must know about a results.json ``r``:
     shortened or incomplete training, a non-official episode count, an
     earlier checkpoint than ``latest``, and this run's error if any."""
-    trained = r["iterations_trained"]
-    notes = []
-    if trained < report.OFFICIAL_ITERATIONS:
-        notes.append(f"shortened run: {trained} of {report.OFFICIAL_ITERATIONS} "
-                     "iterations")
-    if r["iterations_configured"] > trained:
-        notes.append(f"training incomplete ({trained} of "
-                     f"{r['iterations_configured']} configured)")
+    notes = report.training_notes(r["iterations_trained"], r["iterations_configured"])
     if r["episodes"] != report.OFFICIAL_EPISODES:
         notes.append(f"{r['episodes']} test episodes, paper "
                      f"{report.OFFICIAL_EPISODES}")

@@ -114,7 +114,7 @@ def test_train_and_evaluate_cli(tmp_path, data_dir):
     row = dict(zip(report.HEAD, report.row(str(workdir))))
     assert row["setting"] == "miniImageNet 5-way 1-shot"
     assert row["model"] == "MAML + meta-dropout"
-    assert "shortened run (2 of 60000 iterations)" in row[report.HEAD[6]]
+    assert "shortened run: 2 of 60000 iterations" in row[report.HEAD[6]]
     cell = table1.collect_cell("miniimagenet_1shot", "metadrop", str(tmp_path / "runs"),
                                iters=2)
     assert cell["status"] == "ok" and cell["shortened"] is True

@@ -53,7 +53,7 @@ def test_shortened_run_is_marked_and_paper_numbers_appear(tmp_path):
     assert row["setting"] == "Omniglot 20-way 1-shot"
     assert row["model"] == "MAML"
     assert row["ours (accuracy % ± 95% CI)"] == "95.50 ± 0.20"
-    assert "shortened run (500 of 60000 iterations)" in row["iterations trained / configured"]
+    assert "shortened run: 500 of 60000 iterations" in row["iterations trained / configured"]
     assert row["paper Table 1 (authors' rerun)"] == "95.23 ± 0.17 (94.49)"
 
     row = cells(table, drop)
@@ -68,8 +68,8 @@ def test_five_shot_and_interrupted_training(tmp_path):
     run = fake_run(tmp_path, "omniglot_5shot_metadrop", trained=1200, episodes=100)
     row = cells(report.report([run]), run)
     assert row["paper Table 1 (authors' rerun)"] == "98.73 ± 0.06 (98.81)"
-    assert "shortened run (1200 of 60000 iterations)" in row["iterations trained / configured"]
-    assert "training incomplete (1200 of 60000 configured)" in row["iterations trained / configured"]
+    assert "shortened run: 1200 of 60000 iterations" in row["iterations trained / configured"]
+    assert "training incomplete: 1200 of 60000 configured" in row["iterations trained / configured"]
     assert row["test episodes"] == "100 (paper: 1000)"
 
 

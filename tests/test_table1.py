@@ -44,6 +44,8 @@ def runs(tmp_path):
     fake_run(root, "omniglot_5shot_metasgd", results=False, trained=1200)
     fake_run(root, "miniimagenet_5shot_metadrop", accuracy=66.0, ci95=0.5, episodes=100)
     shortened_run(root, "miniimagenet_1shot", "maml", 500, accuracy=40.0)
+    # Evaluated at an intermediate checkpoint of a full run.
+    fake_run(root, "miniimagenet_5shot_maml", trained=30000, accuracy=63.0)
     return root
 
 
@@ -69,7 +71,7 @@ def test_collect_sixteen_cells(runs):
     short = cell[("omniglot_1shot", "metadrop")]
     assert short["status"] == "ok" and short["shortened"] is True
     assert "shortened run: 500 of 60000 iterations" in short["text"]
-    assert "shortened run (500 of 60000 iterations)" in short["row"][ITERS]
+    assert "shortened run: 500 of 60000 iterations" in short["row"][ITERS]
 
     pending = cell[("omniglot_5shot", "metasgd")]
     assert pending["status"] == "not run"
@@ -79,6 +81,11 @@ def test_collect_sixteen_cells(runs):
     few = cell[("miniimagenet_5shot", "metadrop")]
     assert few["status"] == "ok" and few["text"] == "66.00 ± 0.50 (100 test episodes, paper 1000)"
     assert few["paper_text"] == "67.42 ± 0.52 (68.12)"
+
+    partial = cell[("miniimagenet_5shot", "maml")]
+    assert partial["status"] == "ok" and partial["shortened"] is True
+    assert partial["text"] == ("63.00 ± 0.20 (shortened run: 30000 of 60000 iterations; "
+                               "training incomplete: 30000 of 60000 configured)")
 
     absent = cell[("omniglot_5shot", "maml")]
     assert absent["status"] == "not run" and absent["accuracy"] is None
@@ -119,7 +126,7 @@ def test_main_collect_only_writes_markdown_and_json(runs, tmp_path, capsys):
     assert table1.main(["--collect-only", "--runs-root", str(runs),
                         "--out-md", str(md_path), "--out-json", str(json_path)]) == 0
     # The miniImageNet 1-shot run is a shortened one (_iters500): not collected.
-    assert "3 of 16 cells have results" in capsys.readouterr().out
+    assert "4 of 16 cells have results" in capsys.readouterr().out
     md = md_path.read_text()
 
     grid = table_rows(md, "| model |")
@@ -141,7 +148,7 @@ def test_main_collect_only_writes_markdown_and_json(runs, tmp_path, capsys):
 
     data = json.loads(json_path.read_text())
     assert len(data["cells"]) == 16 and data["args"]["collect_only"] is True
-    assert sum(c["status"] == "ok" for c in data["cells"]) == 3
+    assert sum(c["status"] == "ok" for c in data["cells"]) == 4
     assert all(c["paper"] for c in data["cells"])
     assert all(c["reason"].startswith("not run") for c in data["cells"]
                if c["status"] != "ok")
