@@ -91,8 +91,14 @@ def batch_norm(x, offset, groups=1, fused=True, second_order=True,
                                          epsilon)
     if not second_order:
         return _constant_backward(
-            lambda x_, o_: batch_norm(x_, o_, groups, fused, epsilon=epsilon),
+            lambda x_, o_: _explicit_batch_norm(x_, o_, groups, epsilon),
             x, offset)
+    return _explicit_batch_norm(x, offset, groups, epsilon)
+
+
+def _explicit_batch_norm(x, offset, groups, epsilon):
+    """``batch_norm`` in plain ops, so that autodiff differentiates the mean
+    and variance to any order; any float dtype (the float64 checks)."""
     shape = tf.shape(x)
     xg = tf.reshape(x, tf.concat([[groups, -1], shape[1:]], 0))
     # Two passes (mean, then the centred variance) rather than
