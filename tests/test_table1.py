@@ -44,7 +44,7 @@ def runs(tmp_path):
     fake_run(root, "omniglot_5shot_metasgd", results=False, trained=1200)
     fake_run(root, "miniimagenet_5shot_metadrop", accuracy=66.0, ci95=0.5, episodes=100)
     shortened_run(root, "miniimagenet_1shot", "maml", 500, accuracy=40.0)
-    # Evaluated at an intermediate checkpoint of a full run.
+    # A full run stopped at 30000 iterations and evaluated there.
     fake_run(root, "miniimagenet_5shot_maml", trained=30000, accuracy=63.0)
     return root
 
