@@ -298,6 +298,28 @@ def _read_splits(splits_dir: Path, classes_per_split: dict[str, int],
     return split_classes, csv_sha256
 
 
+def _images_manifest(images_dir: Path, splits_dir: Path, csv_sha256: dict,
+                     split_classes: dict, images_per_class: int) -> dict:
+    """The manifest of outputs built from ``images_dir`` by the checked csvs
+    (``split_classes``: {split: [(label, filenames)]})."""
+    manifest = _base_manifest()
+    manifest["source"] = {
+        "kind": "images",
+        "images_dir": str(images_dir.resolve()),
+        "splits_dir": str(splits_dir.resolve()),
+        "csv_sha256": csv_sha256,
+    }
+    manifest["splits"] = {
+        split: {
+            "file": f"{split}.npy",
+            "shape": [len(classes), images_per_class, IMAGE_DIM],
+            "classes": [label for label, _ in classes],
+        }
+        for split, classes in split_classes.items()
+    }
+    return manifest
+
+
 def prepare_from_images(images_dir, splits_dir, out_dir, *,
                         images_per_class: int = IMAGES_PER_CLASS,
                         classes_per_split: dict[str, int] | None = None,
@@ -323,22 +345,8 @@ def prepare_from_images(images_dir, splits_dir, out_dir, *,
     # Read and check every csv before any heavy work.
     split_classes, csv_sha256 = _read_splits(splits_dir, classes_per_split, images_per_class)
 
-    manifest = _base_manifest()
-    manifest["source"] = {
-        "kind": "images",
-        "images_dir": str(images_dir.resolve()),
-        "splits_dir": str(splits_dir.resolve()),
-        "csv_sha256": csv_sha256,
-    }
-    manifest["splits"] = {
-        split: {
-            "file": f"{split}.npy",
-            "shape": [len(classes), images_per_class, IMAGE_DIM],
-            "classes": [label for label, _ in classes],
-        }
-        for split, classes in split_classes.items()
-    }
-
+    manifest = _images_manifest(images_dir, splits_dir, csv_sha256, split_classes,
+                                images_per_class)
     if not force and _outputs_complete(out_dir, manifest):
         if verbose:
             print(f"{out_dir}: complete outputs with a matching manifest exist; nothing to do.")
@@ -422,6 +430,30 @@ def _open_npy_sources(npy_dir: Path, classes_per_split: dict[str, int],
     return sources, missing_splits
 
 
+def _npy_manifest(npy_dir: Path, sources: dict, missing_splits: dict) -> dict:
+    """The manifest of outputs converted from the ``_open_npy_sources``
+    result; the source files are identified by size and mtime, not hashed
+    (the float release is gigabytes)."""
+    manifest = _base_manifest()
+    manifest["source"] = {
+        "kind": "npy",
+        "npy_dir": str(npy_dir.resolve()),
+        "files": {
+            path.name: {"dtype": str(arr.dtype), "bytes": path.stat().st_size,
+                        "mtime_ns": path.stat().st_mtime_ns}
+            for path, arr in sources.values()
+        },
+    }
+    manifest["splits"] = {
+        split: {"file": f"{split}.npy", "shape": list(arr.shape), "classes": None}
+        for split, (path, arr) in sources.items()
+    }
+    manifest["classes_note"] = "the npy source carries no class names (WNIDs)"
+    if missing_splits:
+        manifest["missing_splits"] = missing_splits
+    return manifest
+
+
 def prepare_from_npy(npy_dir, out_dir, *,
                      images_per_class: int = IMAGES_PER_CLASS,
                      classes_per_split: dict[str, int] | None = None,
@@ -450,24 +482,7 @@ def prepare_from_npy(npy_dir, out_dir, *,
     sources, missing_splits = _open_npy_sources(npy_dir, classes_per_split,
                                                 images_per_class)
 
-    manifest = _base_manifest()
-    manifest["source"] = {
-        "kind": "npy",
-        "npy_dir": str(npy_dir.resolve()),
-        "files": {
-            path.name: {"dtype": str(arr.dtype), "bytes": path.stat().st_size,
-                        "mtime_ns": path.stat().st_mtime_ns}
-            for path, arr in sources.values()
-        },
-    }
-    manifest["splits"] = {
-        split: {"file": f"{split}.npy", "shape": list(arr.shape), "classes": None}
-        for split, (path, arr) in sources.items()
-    }
-    manifest["classes_note"] = "the npy source carries no class names (WNIDs)"
-    if missing_splits:
-        manifest["missing_splits"] = missing_splits
-
+    manifest = _npy_manifest(npy_dir, sources, missing_splits)
     if not force and _outputs_complete(out_dir, manifest):
         if verbose:
             print(f"{out_dir}: complete outputs with a matching manifest exist; nothing to do.")
@@ -487,14 +502,20 @@ def prepare_from_npy(npy_dir, out_dir, *,
             return np.rint(x.astype(np.float64) * 255.0).astype(np.uint8)
 
         _write_split(out_dir / f"{split}.npy", arr.shape, fill_class, verbose, split)
+    _remove_stale(out_dir, missing_splits, verbose)
+    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _remove_stale(out_dir: Path, missing_splits: dict, verbose: bool) -> None:
+    """Delete OUT/{split}.npy of the splits the npy source lacks, so that no
+    earlier build's file survives beside the new manifest."""
     for split in missing_splits:
         stale = out_dir / f"{split}.npy"
         if stale.exists():
             stale.unlink()
             if verbose:
                 print(f"removed stale {stale} (no {split} split in the npy source)")
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
-    return manifest
 
 
 # --------------------------------------------------------------------------
