@@ -434,16 +434,13 @@ def _npy_manifest(npy_dir: Path, sources: dict, missing_splits: dict) -> dict:
     """The manifest of outputs converted from the ``_open_npy_sources``
     result; the source files are identified by size and mtime, not hashed
     (the float release is gigabytes)."""
+    files = {}
+    for path, arr in sources.values():
+        stat = path.stat()
+        files[path.name] = {"dtype": str(arr.dtype), "bytes": stat.st_size,
+                            "mtime_ns": stat.st_mtime_ns}
     manifest = _base_manifest()
-    manifest["source"] = {
-        "kind": "npy",
-        "npy_dir": str(npy_dir.resolve()),
-        "files": {
-            path.name: {"dtype": str(arr.dtype), "bytes": path.stat().st_size,
-                        "mtime_ns": path.stat().st_mtime_ns}
-            for path, arr in sources.values()
-        },
-    }
+    manifest["source"] = {"kind": "npy", "npy_dir": str(npy_dir.resolve()), "files": files}
     manifest["splits"] = {
         split: {"file": f"{split}.npy", "shape": list(arr.shape), "classes": None}
         for split, (path, arr) in sources.items()
