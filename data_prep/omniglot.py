@@ -209,14 +209,10 @@ def _redownload_hint(name):
             "file).".format(OFFICIAL_URL.format(name=name)))
 
 
-def list_characters(zip_path, expected_chars, images_per_char):
-    """Check one archive and list its characters.
-
-    Returns a dict ``{"ARCHIVE_ROOT/ALPHABET/characterNN": [png member names,
-    sorted]}``. Raises :class:`DataPrepError` if the zip cannot be opened, is
-    truncated or corrupt (``testzip``), or does not hold ``expected_chars``
-    characters of ``images_per_char`` PNGs each.
-    """
+def _checked_members(zip_path):
+    """The member names of the zip at ``zip_path``, after reading every member
+    against its CRC; raises :class:`DataPrepError` if it is truncated,
+    not a zip, or corrupt."""
     name = os.path.basename(zip_path)
     try:
         with zipfile.ZipFile(zip_path) as z:
@@ -235,7 +231,19 @@ def list_characters(zip_path, expected_chars, images_per_char):
         raise DataPrepError(
             "{} is corrupt: member {} fails its CRC check. {}".format(
                 zip_path, bad, _redownload_hint(name)))
+    return members
 
+
+def list_characters(zip_path, expected_chars, images_per_char):
+    """Check one archive and list its characters.
+
+    Returns a dict ``{"ARCHIVE_ROOT/ALPHABET/characterNN": [png member names,
+    sorted]}``. Raises :class:`DataPrepError` if the zip cannot be opened, is
+    truncated or corrupt (``testzip``), or does not hold ``expected_chars``
+    characters of ``images_per_char`` PNGs each.
+    """
+    name = os.path.basename(zip_path)
+    members = _checked_members(zip_path)
     root = name[:-len(".zip")]
     chars = {}
     for m in members:

@@ -307,29 +307,11 @@ def run_child(path, overrides, iters, warmup, do_eval, eval_iters, profile=0):
     shape = image_shape(config)
     result = {**_setting_info(config, shape), "build_s": build_s}
     rng = np.random.default_rng(config.seed)
-
-    def train(batch, seed):
-        return float(learner.train_step(batch, seed)["loss"])
-
-    n = warmup + iters
-    batches = (synthetic_batch(rng, config, config.meta_batch, shape)
-               for _ in range(n))
-    seeds = [tf.constant([config.seed, it], tf.int64) for it in range(1, n + 1)]
-    times = _timed(train, batches, seeds)
-    result["train"] = {
-        "trace_s": times[0] if warmup else None,
-        "warmup_s": [round(t, 4) for t in times[:warmup]],
-        "iters": iters, **_summary(times[warmup:]),
-        "tracings": _tracing_count(learner.train_step)}
-    convs = conv_ops(learner.train_step.get_concrete_function(
-        synthetic_batch(rng, config, config.meta_batch, shape), seeds[0]))
-    result["train"]["conv_gflop"] = {k: round(v, 3) for k, v in conv_gflop(convs).items()}
-    result["train"]["conv_gflop_by_block"] = _rounded(by_block(convs), 3)
-
+    result["train"], train = _time_train(learner, config, rng, shape, warmup, iters)
     if profile:
         batches = [synthetic_batch(rng, config, config.meta_batch, shape)
                    for _ in range(profile)]
-        seeds = [tf.constant([config.seed, n + it], tf.int64)
+        seeds = [tf.constant([config.seed, warmup + iters + it], tf.int64)
                  for it in range(1, profile + 1)]
         result["profile"] = profile_steps(train, batches, seeds)
     if do_eval:
@@ -360,6 +342,32 @@ def _setting_info(config, shape):
         "tf_version": tf.__version__,
         "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
+
+
+def _time_train(learner, config, rng, shape, warmup, iters):
+    """Times ``learner.train_step`` on ``warmup`` + ``iters`` synthetic
+    meta-batches and counts its convolutions' work; returns the result's
+    ``train`` entry and the timed function (which the profiler reuses)."""
+    import tensorflow as tf
+
+    def train(batch, seed):
+        return float(learner.train_step(batch, seed)["loss"])
+
+    n = warmup + iters
+    batches = (synthetic_batch(rng, config, config.meta_batch, shape)
+               for _ in range(n))
+    seeds = [tf.constant([config.seed, it], tf.int64) for it in range(1, n + 1)]
+    times = _timed(train, batches, seeds)
+    entry = {
+        "trace_s": times[0] if warmup else None,
+        "warmup_s": [round(t, 4) for t in times[:warmup]],
+        "iters": iters, **_summary(times[warmup:]),
+        "tracings": _tracing_count(learner.train_step)}
+    convs = conv_ops(learner.train_step.get_concrete_function(
+        synthetic_batch(rng, config, config.meta_batch, shape), seeds[0]))
+    entry["conv_gflop"] = {k: round(v, 3) for k, v in conv_gflop(convs).items()}
+    entry["conv_gflop_by_block"] = _rounded(by_block(convs), 3)
+    return entry, train
 
 
 def _time_eval(learner, config, rng, shape, warmup, calls):

@@ -201,24 +201,11 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
     }
     path = os.path.join(workdir, "results.json")
     if os.path.exists(path) and not row[OURS].startswith("unreadable"):
-        with open(path) as f:
-            r = json.load(f)
-        trained = r["iterations_trained"]
-        cell.update({
-            "status": "ok",
-            "accuracy": r["accuracy"], "ci95": r["ci95"],
-            "episodes": r["episodes"], "mc_samples": r["mc_samples"],
-            "iterations_trained": trained,
-            "iterations_configured": r["iterations_configured"],
-            "shortened": trained < report.OFFICIAL_ITERATIONS,
-            "checkpoint": r.get("checkpoint"),
-        })
-        notes = _result_notes(r, report.latest_checkpoint(workdir), run_error)
-        cell["notes"] = notes
+        cell.update(_result_fields(path, workdir, run_error))
+        notes = cell["notes"]
         cell["text"] = row[OURS] + (f" ({'; '.join(notes)})" if notes else "")
     elif os.path.exists(path):
-        cell.update(status="error", reason=row[OURS], notes=[])
-        cell["text"] = row[OURS]
+        cell.update(status="error", reason=row[OURS], notes=[], text=row[OURS])
     else:
         short, reason = not_run_reason(setting, model, workdir, display, config, iters)
         if run_error and run_error not in reason:
@@ -228,6 +215,23 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
         row[OURS] = reason
     cell["row"] = row
     return cell
+
+
+def _result_fields(path, workdir, run_error):
+    """The cell fields of a run whose ``results.json`` (at ``path``) reads."""
+    with open(path) as f:
+        r = json.load(f)
+    trained = r["iterations_trained"]
+    return {
+        "status": "ok",
+        "accuracy": r["accuracy"], "ci95": r["ci95"],
+        "episodes": r["episodes"], "mc_samples": r["mc_samples"],
+        "iterations_trained": trained,
+        "iterations_configured": r["iterations_configured"],
+        "shortened": trained < report.OFFICIAL_ITERATIONS,
+        "checkpoint": r.get("checkpoint"),
+        "notes": _result_notes(r, report.latest_checkpoint(workdir), run_error),
+    }
 
 
 def collect(runs_root="runs", iters=None, run_errors=None):
