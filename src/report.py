@@ -86,17 +86,35 @@ def run_config(run):
     suffix of the name, as the Makefile adds for shortened runs, dropped).
     Keys missing from an older results.json take the Config defaults.
     ``run``: a workdir or a results file (see ``results_path``)."""
-    config = _find_config(*results_path(run))
-    return None if config is None else {**dataclasses.asdict(Config()), **config}
+    return load_run(run)[0]
+
+
+def load_run(run):
+    """Read a run's results file once: (config, results, problem).
+
+    ``config`` is as ``run_config`` gives it; ``results`` is the results
+    file's dict, or None with ``problem`` the text a table shows instead
+    (no file, or a file that does not parse)."""
+    workdir, path = results_path(run)
+    name = os.path.basename(path)
+    results, problem = None, None
+    if not os.path.exists(path):
+        problem = f"not run (no {name}: train, then python -m src.evaluate)"
+    else:
+        try:
+            results = _read_json(path)
+        except (OSError, ValueError) as e:
+            problem = f"unreadable {name} ({e!r})"
+    config = _find_config(workdir, results)
+    if config is not None:
+        config = {**dataclasses.asdict(Config()), **config}
+    return config, results, problem
 
 
 def _find_config(workdir, results):
-    try:
-        config = _read_json(results).get("config")
-        if config:
-            return config
-    except (OSError, ValueError, AttributeError):
-        pass
+    config = results.get("config") if isinstance(results, dict) else None
+    if config:
+        return config
     name = re.sub(r"_iters\d+$", "", os.path.basename(os.path.normpath(workdir)))
     for path in (os.path.join(workdir, "config.yaml"),
                  os.path.join(ROOT, "yaml", name + ".yaml")):
@@ -167,21 +185,19 @@ def _result_cells(r, config):
             iterations_note(r["iterations_trained"], r["iterations_configured"])]
 
 
-def row(run):
-    """One table row (list of cells) for a workdir or results file."""
-    config = run_config(run)
+def row(run, loaded=None):
+    """One table row (list of cells) for a workdir or results file;
+    ``loaded``: its ``load_run`` if the caller has read it already."""
+    config, results, problem = loaded or load_run(run)
     setting = setting_name(config) if config else "?"
     model = model_name(config) if config else "?"
     paper = paper_entry(config) if config else "-"
-    _, path = results_path(run)
-    name = os.path.basename(path)
-    if not os.path.exists(path):
-        cells = [f"not run (no {name}: train, then python -m src.evaluate)",
-                 "-", "-", "-"]
-    else:
+    cells = [problem, "-", "-", "-"]
+    if results is not None:
         try:
-            cells = _result_cells(_read_json(path), config)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            cells = _result_cells(results, config)
+        except (KeyError, TypeError) as e:
+            name = os.path.basename(results_path(run)[1])
             cells = [f"unreadable {name} ({e!r})", "-", "-", "-"]
     return [run, setting, model] + cells + [paper]
 

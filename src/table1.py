@@ -184,9 +184,10 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
     name = workdir_name(setting, model, iters)
     display = os.path.join(runs_root, name)
     workdir = _abs(display)
-    row = dict(zip(report.HEAD, report.row(workdir)))
+    loaded = report.load_run(workdir)
+    config, results, _ = loaded
+    row = dict(zip(report.HEAD, report.row(workdir, loaded)))
     row[report.HEAD[0]] = display
-    config = report.run_config(workdir)
     entry = report.paper_numbers(config) if config else None
     cell = {
         "setting": setting, "model": model, "workdir": display,
@@ -199,13 +200,12 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
                   if entry else None),
         "paper_text": row[PAPER_COL],
     }
-    path = os.path.join(workdir, "results.json")
-    if os.path.exists(path) and not row[OURS].startswith("unreadable"):
-        cell.update(_result_fields(path, workdir, run_error))
+    if row[OURS].startswith("unreadable"):
+        cell.update(status="error", reason=row[OURS], notes=[], text=row[OURS])
+    elif results is not None:
+        cell.update(_result_fields(results, workdir, run_error))
         notes = cell["notes"]
         cell["text"] = row[OURS] + (f" ({'; '.join(notes)})" if notes else "")
-    elif os.path.exists(path):
-        cell.update(status="error", reason=row[OURS], notes=[], text=row[OURS])
     else:
         short, reason = not_run_reason(setting, model, workdir, display, config, iters)
         if run_error and run_error not in reason:
@@ -217,10 +217,8 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
     return cell
 
 
-def _result_fields(path, workdir, run_error):
-    """The cell fields of a run whose ``results.json`` (at ``path``) reads."""
-    with open(path) as f:
-        r = json.load(f)
+def _result_fields(r, workdir, run_error):
+    """The cell fields of a run whose ``results.json`` reads as ``r``."""
     trained = r["iterations_trained"]
     return {
         "status": "ok",

@@ -86,6 +86,39 @@ def test_missing_results_says_not_run(tmp_path):
     assert row["paper Table 1 (authors' rerun)"] == "98.38 ± 0.07 (98.14)"
 
 
+def test_unreadable_results_fall_back_to_config_yaml(tmp_path):
+    """A results.json that does not parse, or lacks a field, shows as
+    unreadable; the row still names the run from its config.yaml."""
+    broken = fake_run(tmp_path, "omniglot_1shot_metadrop")
+    with open(os.path.join(broken, "results.json"), "w") as f:
+        f.write('{"accuracy": 9')  # cut short mid-write
+    partial = fake_run(tmp_path, "omniglot_1shot_maml")
+    path = os.path.join(partial, "results.json")
+    with open(path) as f:
+        r = json.load(f)
+    del r["episodes"]
+    with open(path, "w") as f:
+        json.dump(r, f)
+    table = report.report([broken, partial])
+
+    row = cells(table, broken)
+    assert row["ours (accuracy % ± 95% CI)"].startswith("unreadable results.json (JSONDecodeError")
+    assert row["model"] == "MAML + meta-dropout"
+    assert row["test episodes"] == "-"
+    row = cells(table, partial)
+    assert row["ours (accuracy % ± 95% CI)"] == "unreadable results.json (KeyError('episodes'))"
+    assert row["model"] == "MAML"
+
+
+def test_a_row_reads_its_results_file_once(tmp_path, monkeypatch):
+    run = fake_run(tmp_path, "omniglot_1shot_maml")
+    reads = []
+    read = report._read_json
+    monkeypatch.setattr(report, "_read_json", lambda p: reads.append(p) or read(p))
+    assert report.row(run)[3] == "95.50 ± 0.20"
+    assert reads == [os.path.join(run, "results.json")]
+
+
 def test_paper_table_is_complete():
     for dataset in ("omniglot", "miniimagenet"):
         for shot in (1, 5):

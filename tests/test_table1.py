@@ -196,3 +196,12 @@ def test_run_reports_failures(tmp_path, monkeypatch):
 def test_bad_override_fails_before_running(tmp_path):
     with pytest.raises(SystemExit, match="unknown config key 'bogus'"):
         table1.main(["--runs-root", str(tmp_path), "--args", "bogus=1"])
+
+
+def test_unreadable_results_make_an_error_cell(runs):
+    with open(runs / "omniglot_1shot_maml" / "results.json", "w") as f:
+        f.write("not json")
+    cell = by_key(table1.collect(str(runs)))[("omniglot_1shot", "maml")]
+    assert cell["status"] == "error" and cell["accuracy"] is None
+    assert cell["text"].startswith("unreadable results.json (JSONDecodeError")
+    assert cell["model_name"] == "MAML"  # from the run's config.yaml
