@@ -80,21 +80,17 @@ def results_path(run):
     return run, os.path.join(run, "results.json")
 
 
-def run_config(run):
-    """The run's config as a dict, or None: the results file's config, else
-    the workdir's config.yaml, else yaml/<workdir name>.yaml (an ``_itersN``
-    suffix of the name, as the Makefile adds for shortened runs, dropped).
-    Keys missing from an older results.json take the Config defaults.
-    ``run``: a workdir or a results file (see ``results_path``)."""
-    return load_run(run)[0]
-
-
 def load_run(run):
     """Read a run's results file once: (config, results, problem).
 
-    ``config`` is as ``run_config`` gives it; ``results`` is the results
-    file's dict, or None with ``problem`` the text a table shows instead
-    (no file, or a file that does not parse)."""
+    ``run``: a workdir or a results file (see ``results_path``).
+    ``config``: the run's config as a dict, or None: the results file's
+    config, else the workdir's config.yaml, else yaml/<workdir name>.yaml
+    (an ``_itersN`` suffix of the name, as the Makefile adds for shortened
+    runs, dropped); keys missing from an older results.json take the
+    Config defaults.  ``results``: the results file's dict, or None with
+    ``problem`` the text a table shows instead (no file, or a file that
+    does not parse)."""
     workdir, path = results_path(run)
     name = os.path.basename(path)
     results, problem = None, None
