@@ -80,6 +80,24 @@ def results_path(run):
     return run, os.path.join(run, "results.json")
 
 
+# Fields a results file must hold for a table row (``_result_cells``).
+RESULT_FIELDS = {"accuracy": float, "ci95": float, "episodes": int,
+                 "mc_samples": int, "iterations_trained": int,
+                 "iterations_configured": int}
+
+
+def _check_results(results):
+    """Raise KeyError / TypeError unless ``results`` holds RESULT_FIELDS
+    as numbers (an int where an int is due)."""
+    if not isinstance(results, dict):
+        raise TypeError(f"a {type(results).__name__}, not an object")
+    for key, kind in RESULT_FIELDS.items():
+        value = results[key]
+        number = isinstance(value, (int, float) if kind is float else int)
+        if not number or isinstance(value, bool):
+            raise TypeError(f"{key} is {value!r}, not a number")
+
+
 def load_run(run):
     """Read a run's results file once: (config, results, problem).
 
@@ -89,19 +107,22 @@ def load_run(run):
     (an ``_itersN`` suffix of the name, as the Makefile adds for shortened
     runs, dropped); keys missing from an older results.json take the
     Config defaults.  ``results``: the results file's dict, or None with
-    ``problem`` the text a table shows instead (no file, or a file that
-    does not parse)."""
+    ``problem`` the text a table shows instead: "not run (...)" when there
+    is no file, "unreadable <file> (...)" when it does not parse or lacks a
+    field of RESULT_FIELDS."""
     workdir, path = results_path(run)
     name = os.path.basename(path)
-    results, problem = None, None
+    parsed, results, problem = None, None, None
     if not os.path.exists(path):
         problem = f"not run (no {name}: train, then python -m src.evaluate)"
     else:
         try:
-            results = _read_json(path)
-        except (OSError, ValueError) as e:
+            parsed = _read_json(path)
+            _check_results(parsed)
+            results = parsed
+        except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"unreadable {name} ({e!r})"
-    config = _find_config(workdir, results)
+    config = _find_config(workdir, parsed)
     if config is not None:
         config = {**dataclasses.asdict(Config()), **config}
     return config, results, problem
@@ -188,13 +209,8 @@ def row(run, loaded=None):
     setting = setting_name(config) if config else "?"
     model = model_name(config) if config else "?"
     paper = paper_entry(config) if config else "-"
-    cells = [problem, "-", "-", "-"]
-    if results is not None:
-        try:
-            cells = _result_cells(results, config)
-        except (KeyError, TypeError) as e:
-            name = os.path.basename(results_path(run)[1])
-            cells = [f"unreadable {name} ({e!r})", "-", "-", "-"]
+    cells = ([problem, "-", "-", "-"] if results is None
+             else _result_cells(results, config))
     return [run, setting, model] + cells + [paper]
 
 

@@ -185,7 +185,7 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
     display = os.path.join(runs_root, name)
     workdir = _abs(display)
     loaded = report.load_run(workdir)
-    config, results, _ = loaded
+    config, results, problem = loaded
     row = dict(zip(report.HEAD, report.row(workdir, loaded)))
     row[report.HEAD[0]] = display
     entry = report.paper_numbers(config) if config else None
@@ -200,8 +200,8 @@ def collect_cell(setting, model, runs_root, iters=None, run_error=None):
                   if entry else None),
         "paper_text": row[PAPER_COL],
     }
-    if row[OURS].startswith("unreadable"):
-        cell.update(status="error", reason=row[OURS], notes=[], text=row[OURS])
+    if results is None and os.path.exists(report.results_path(workdir)[1]):
+        cell.update(status="error", reason=problem, notes=[], text=problem)
     elif results is not None:
         cell.update(_result_fields(results, workdir, run_error))
         notes = cell["notes"]

@@ -110,6 +110,32 @@ def test_unreadable_results_fall_back_to_config_yaml(tmp_path):
     assert row["model"] == "MAML"
 
 
+def test_ill_typed_results_are_unreadable_not_a_crash(tmp_path):
+    """A field of the wrong type, or a file that holds no object, gives an
+    "unreadable" row (the run still named from config.yaml), not a
+    traceback from the number formatting."""
+    texts = []
+    for name, content in (("omniglot_1shot_maml", None),
+                          ("omniglot_1shot_metadrop", "[1, 2]")):
+        run = fake_run(tmp_path, name)
+        path = os.path.join(run, "results.json")
+        if content is None:
+            with open(path) as f:
+                r = json.load(f)
+            r["accuracy"], r["episodes"] = "95.5", 1000.0
+            content = json.dumps(r)
+        with open(path, "w") as f:
+            f.write(content)
+        config, results, problem = report.load_run(run)
+        assert results is None and config["noise"] in ("none", "meta_dropout")
+        row = dict(zip(report.HEAD, report.row(run)))
+        assert row["model"] in ("MAML", "MAML + meta-dropout")
+        texts.append(row["ours (accuracy % ± 95% CI)"])
+    assert texts == [
+        "unreadable results.json (TypeError(\"accuracy is '95.5', not a number\"))",
+        "unreadable results.json (TypeError('a list, not an object'))"]
+
+
 def test_a_row_reads_its_results_file_once(tmp_path, monkeypatch):
     run = fake_run(tmp_path, "omniglot_1shot_maml")
     reads = []
