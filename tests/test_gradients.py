@@ -11,6 +11,11 @@
   matches the reverse-mode gradient; and the fused float32 batch norm gives
   the same meta-gradient as the explicit float64 one (on a tiny network,
   and on the smooth network at Omniglot 20-way 1-shot's real shapes).
+* On the real network, batch norm's scale invariance gives an exact
+  identity between two meta-gradients, θ_b · ∂L/∂θ_b = −2 Σ α_b ∂L/∂α_b
+  per block; with one inner step its right side is first-order only.  It
+  holds, and fails for a first-order inner loop, the authors' TF1
+  batch-norm gradient and a stopped-mean variance.
 """
 
 import numpy as np
@@ -39,10 +44,10 @@ def episode(dtype, tasks=1, seed=0, way=WAY, query=QUERY):
 def make(dtype="float64", smooth=True, noise="meta_dropout", first_order=False,
          fused_bn=False, meta_sgd=False, inner_lr=0.4, seed=3, way=WAY,
          inner_steps=2, bn_second_order=True, adapt_offsets=False,
-         bn_scale=False):
+         bn_scale=False, bn_epsilon=layers.BN_EPSILON):
     model = ConvNet("omniglot", way, noise=noise, smooth=smooth,
                     fused_bn=fused_bn, bn_second_order=bn_second_order,
-                    bn_scale=bn_scale, seed=seed, dtype=dtype)
+                    bn_epsilon=bn_epsilon, bn_scale=bn_scale, seed=seed, dtype=dtype)
     learner = MetaLearner(model, inner_lr=inner_lr, inner_steps=inner_steps, meta_lr=1e-3,
                           first_order=first_order, meta_sgd=meta_sgd,
                           adapt_offsets=adapt_offsets)
@@ -176,6 +181,63 @@ def test_forward_mode_matches_reverse_mode_on_the_real_network():
     jvp = float(acc.jvp(loss))
     assert abs(jvp) > 1e-6
     assert along(grads, direction) == pytest.approx(jvp, rel=1e-8)
+
+
+def scale_identity_sides(model, learner, batch):
+    """Per conv block b of a Meta-SGD learner: (θ_b · ∂L/∂θ_b,
+    −2 Σ α_b ∂L/∂α_b), θ_b its kernel and bias, α_b their step sizes."""
+    grads = gradient(learner, batch)
+    theta = model.group("theta")
+    sides = []
+    for i in range(1, 5):
+        keys = [f"block{i}/kernel", f"block{i}/bias"]
+        dot = lambda vs: sum(float(np.sum(v.numpy() * grads[v.name].numpy())) for v in vs)
+        sides.append((dot([theta[k] for k in keys]),
+                      -2 * dot([learner.inner_lr[k] for k in keys])))
+    return sides
+
+
+@pytest.mark.parametrize("noise", ["none", "meta_dropout"])
+def test_kernel_scale_identity_on_the_real_network(noise):
+    """Batch norm makes a block's output ignore the scale of its conv
+    weights, and the gradient of a loss then scales as 1/c when they do, so
+    L(c·θ_b; α_b) = L(θ_b; α_b / c²): scaling a block's kernel and bias is
+    the same as dividing its inner step sizes by c².  At c = 1:
+    θ_b · ∂L/∂θ_b = −2 Σ α_b ∂L/∂α_b, for each block, exactly (with a
+    negligible batch-norm epsilon).  Checked on the real network (ReLU,
+    max-pool; float64, Meta-SGD for the per-block α), with 1 and 2 inner
+    steps.  With one inner step the right side needs no second derivative
+    (∂L/∂α = −∇L_q(θ')·∇L_s(θ)), so it checks the left side's second-order
+    terms independently.  This radial part of the meta-gradient is what
+    grows MAML's kernels (docs/experiments.md)."""
+    batch = episode(tf.float64, tasks=2, seed=4)
+    for steps in (1, 2):
+        model, learner = make(smooth=False, noise=noise, meta_sgd=True, inner_steps=steps,
+                              bn_epsilon=1e-20)
+        for lhs, rhs in scale_identity_sides(model, learner, batch):
+            assert abs(rhs) > 1e-8
+            assert lhs == pytest.approx(rhs, rel=1e-8)
+
+
+def test_kernel_scale_identity_fails_without_second_order_terms(monkeypatch):
+    """The identity sees the second-order terms: the radial part of the
+    second-order term is θ_b·H·∇L_q = −∇L_s·∇L_q, all of it carried by
+    batch norm's second derivative, so a first-order inner loop and the
+    authors' TF1 batch-norm gradient (``bn_second_order=False``) both give
+    exactly half the left side, and a variance with a stopped mean
+    (``tf.nn.moments``) gives another value altogether.  One inner step."""
+    batch = episode(tf.float64, tasks=2, seed=4)
+    for option in ({"first_order": True}, {"bn_second_order": False}):
+        model, learner = make(smooth=False, noise="none", meta_sgd=True, inner_steps=1,
+                              bn_epsilon=1e-20, **option)
+        for lhs, rhs in scale_identity_sides(model, learner, batch):
+            assert lhs == pytest.approx(rhs / 2, rel=1e-6), option
+    monkeypatch.setattr(layers, "batch_norm", moments_batch_norm)
+    model, learner = make(smooth=False, noise="none", meta_sgd=True, inner_steps=1,
+                          bn_epsilon=1e-20)
+    worst = max(abs(lhs - rhs) / abs(rhs)
+                for lhs, rhs in scale_identity_sides(model, learner, batch))
+    assert worst > 0.1
 
 
 @pytest.mark.parametrize("adapt_offsets,bn_scale", [(False, False), (True, False),
