@@ -37,7 +37,8 @@ KERNELS = ("block1/kernel", "block2/kernel", "block3/kernel", "block4/kernel",
 
 def adam_step(optimizer, index):
     """The step Adam applied to variable ``index`` (of the list it was built
-    on) at its last iteration, from its moments: an array of its shape."""
+    on) at its last iteration, from its moments (Keras 2.15's Adam slots):
+    (step, m), arrays of the variable's shape."""
     m = optimizer._momentums[index].numpy().astype(np.float64)
     v = optimizer._velocities[index].numpy().astype(np.float64)
     t = int(optimizer.iterations.numpy())

@@ -95,7 +95,8 @@ def _check_results(results):
         value = results[key]
         number = isinstance(value, (int, float) if kind is float else int)
         if not number or isinstance(value, bool):
-            raise TypeError(f"{key} is {value!r}, not a number")
+            raise TypeError(f"{key} is {value!r}, not "
+                            f"{'a number' if kind is float else 'an integer'}")
 
 
 def load_run(run):

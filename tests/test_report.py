@@ -114,18 +114,17 @@ def test_ill_typed_results_are_unreadable_not_a_crash(tmp_path):
     """A field of the wrong type, or a file that holds no object, gives an
     "unreadable" row (the run still named from config.yaml), not a
     traceback from the number formatting."""
+    cases = [("omniglot_1shot_maml", {"accuracy": "95.5"}),
+             ("omniglot_5shot_maml", {"episodes": 1000.0}),
+             ("omniglot_1shot_metadrop", None)]
     texts = []
-    for name, content in (("omniglot_1shot_maml", None),
-                          ("omniglot_1shot_metadrop", "[1, 2]")):
+    for name, change in cases:
         run = fake_run(tmp_path, name)
         path = os.path.join(run, "results.json")
-        if content is None:
-            with open(path) as f:
-                r = json.load(f)
-            r["accuracy"], r["episodes"] = "95.5", 1000.0
-            content = json.dumps(r)
+        with open(path) as f:
+            r = json.load(f)
         with open(path, "w") as f:
-            f.write(content)
+            json.dump({**r, **change} if change else [1, 2], f)
         config, results, problem = report.load_run(run)
         assert results is None and config["noise"] in ("none", "meta_dropout")
         row = dict(zip(report.HEAD, report.row(run)))
@@ -133,6 +132,7 @@ def test_ill_typed_results_are_unreadable_not_a_crash(tmp_path):
         texts.append(row["ours (accuracy % ± 95% CI)"])
     assert texts == [
         "unreadable results.json (TypeError(\"accuracy is '95.5', not a number\"))",
+        "unreadable results.json (TypeError('episodes is 1000.0, not an integer'))",
         "unreadable results.json (TypeError('a list, not an object'))"]
 
 
