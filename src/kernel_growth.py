@@ -67,15 +67,19 @@ def growth_terms(theta, step, m, lr):
 
 def series(workdir):
     """{kernel: [(iteration, growth_terms)]} over the run's checkpoints, and
-    Adam's learning rate."""
+    Adam's learning rate.  Raises ConfigError if the run has no checkpoint."""
     config = load_config(os.path.join(workdir, "config.yaml"))
+    iterations = checkpoint_iterations(workdir)
+    if not iterations:
+        raise ConfigError(f"{workdir} has no checkpoint (train it first)")
     _, learner = build(config)
+    ckpt = tf.train.Checkpoint(learner=learner)
     names = [v.name for v in learner.variables_list]
     theta = learner.model.group("theta")
-    out, lr = {k: [] for k in KERNELS}, None
-    for it in checkpoint_iterations(workdir):
-        restore_trained(tf.train.Checkpoint(learner=learner), find_checkpoint(workdir, it))
-        lr = float(learner.optimizer.learning_rate.numpy())
+    lr = float(learner.optimizer.learning_rate.numpy())
+    out = {k: [] for k in KERNELS}
+    for it in iterations:
+        restore_trained(ckpt, find_checkpoint(workdir, it))
         for k in KERNELS:
             step, m = adam_step(learner.optimizer, names.index(theta[k].name))
             out[k].append((it, growth_terms(theta[k].numpy(), step, m, lr)))

@@ -188,10 +188,10 @@ def scale_identity_sides(model, learner, batch):
     −2 Σ α_b ∂L/∂α_b), θ_b its kernel and bias, α_b their step sizes."""
     grads = gradient(learner, batch)
     theta = model.group("theta")
+    dot = lambda vs: sum(float(np.sum(v.numpy() * grads[v.name].numpy())) for v in vs)
     sides = []
     for i in range(1, 5):
         keys = [f"block{i}/kernel", f"block{i}/bias"]
-        dot = lambda vs: sum(float(np.sum(v.numpy() * grads[v.name].numpy())) for v in vs)
         sides.append((dot([theta[k] for k in keys]),
                       -2 * dot([learner.inner_lr[k] for k in keys])))
     return sides

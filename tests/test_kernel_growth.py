@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from src.config import load_config, save_config
 from src.kernel_growth import adam_step, growth_terms
-from tests.test_cli import data_dir, ok, run, train_args  # noqa: F401 (data_dir: a fixture)
+from tests.test_cli import REPO, data_dir, ok, run, train_args  # noqa: F401 (data_dir: a fixture)
 
 
 def test_adam_step_is_the_change_of_the_last_update():
@@ -52,3 +53,14 @@ def test_kernel_growth_cli_on_a_trained_run(tmp_path, data_dir):  # noqa: F811
     rows = re.findall(r"^ +(\d+) +([\d.]+) ", blocks[2], re.M)
     assert [int(it) for it, _ in rows] == [2, 4], blocks[2]
     assert float(rows[1][1]) == pytest.approx(np.sqrt(np.mean(kernel ** 2)), abs=1e-4)
+
+
+def test_kernel_growth_cli_without_checkpoints(tmp_path):
+    """A run with a config but no checkpoint: an error that says so, not a
+    traceback."""
+    w = tmp_path / "run"
+    w.mkdir()
+    save_config(load_config(REPO / "yaml" / "omniglot_1shot_maml.yaml"), w / "config.yaml")
+    proc = run("src.kernel_growth", ["--workdir", str(w)])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(f"error: {w} has no checkpoint (train it first)")
