@@ -3,8 +3,10 @@
   /tmp/torchvenv/bin/python docs/crosscheck/gradient_torch.py OUT.npz
 
 Loads what gradient_tf.py saved, recomputes the meta-loss and its
-second-order gradient with maml_torch.py's network and inner loop (float64)
-and prints, per variable, the largest difference from TensorFlow's.
+second-order gradient with maml_torch.py's network and inner loop (float64;
+for meta-dropout, fed the noise draws TensorFlow recorded, in the order it
+drew them) and prints, per variable, the largest difference from
+TensorFlow's.
 """
 import os
 import sys
@@ -16,39 +18,64 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import maml_torch  # noqa: E402
 
-NAMES = ([f"block{l}/{k}:0" for l in range(1, 5) for k in ("kernel", "bias")]
-         + ["head/kernel:0", "head/bias:0"] + [f"block{l}/offset:0" for l in range(1, 5)])
+# maml_torch.py's names of the TensorFlow variables: (group, key)
+NAMES = {f"block{l}/{tf_name}:0": (group, f"{key}{l}")
+         for l in range(1, 5)
+         for tf_name, group, key in [("kernel", "p", "w"), ("bias", "p", "b"),
+                                     ("noise_kernel", "phi", "v"), ("noise_bias", "phi", "c"),
+                                     ("offset", "beta", "beta")]}
+NAMES.update({"head/kernel:0": ("p", "wd"), "head/bias:0": ("p", "bd"),
+              "head/noise_kernel:0": ("phi", "vd"), "head/noise_bias:0": ("phi", "cd")})
+
+
+def to_torch_layout(a):
+    """TensorFlow's [3, 3, in, out] kernels and [N, H, W, C] maps to PyTorch's."""
+    a = torch.tensor(a, dtype=torch.float64)
+    return a.permute(3, 2, 0, 1).contiguous() if a.ndim == 4 else a
+
+
+def feeder(d):
+    """A maml_torch ``eps`` that returns TensorFlow's recorded draws in order."""
+    draws = iter(sorted((k for k in d.files if k.startswith("noise:")),
+                        key=lambda k: int(k.split(":")[1])))
+
+    def eps(shape):
+        a = d[next(draws)]
+        a = torch.tensor(np.moveaxis(a, -1, 1) if a.ndim == 4 else a, dtype=torch.float64)
+        assert a.shape == shape, (a.shape, shape)
+        return a
+    return eps
 
 
 def main(path):
     d = np.load(path)
-    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    # TensorFlow's kernels are [3, 3, in, out]; PyTorch's [out, in, 3, 3].
-    p = {}
-    for l in range(1, 5):
-        p[f"w{l}"] = t(d[f"var:block{l}/kernel:0"]).permute(3, 2, 0, 1).contiguous()
-        p[f"b{l}"] = t(d[f"var:block{l}/bias:0"])
-    p["wd"], p["bd"] = t(d["var:head/kernel:0"]), t(d["var:head/bias:0"])
-    beta = {f"beta{l}": t(d[f"var:block{l}/offset:0"]) for l in range(1, 5)}
-    for v in list(p.values()) + list(beta.values()):
-        v.requires_grad_(True)
+    params = {"p": {}, "phi": {}, "beta": {}}
+    tf_names = [k[len("var:"):] for k in d.files if k.startswith("var:")]
+    for name in tf_names:
+        group, key = NAMES[name]
+        params[group][key] = to_torch_layout(d["var:" + name]).requires_grad_(True)
+    p, phi, beta = params["p"], params["phi"], params["beta"]
+    samples = int(d["mc_samples"]) if "mc_samples" in d.files else 1
+    eps = feeder(d) if phi else None
     tasks = d["batch:support_x"].shape[0]
     loss = 0
     for b in range(tasks):
-        xs = t(np.moveaxis(d["batch:support_x"][b], -1, 1))
-        xq = t(np.moveaxis(d["batch:query_x"][b], -1, 1))
+        xs = torch.tensor(np.moveaxis(d["batch:support_x"][b], -1, 1), dtype=torch.float64)
+        xq = torch.tensor(np.moveaxis(d["batch:query_x"][b], -1, 1), dtype=torch.float64)
         ys = torch.tensor(d["batch:support_y"][b]).long()
         yq = torch.tensor(d["batch:query_y"][b]).long()
-        theta = maml_torch.adapt(p, beta, xs, ys, create_graph=True)
-        loss = loss + F.cross_entropy(maml_torch.forward(xq, theta, beta), yq) / tasks
-    grads = torch.autograd.grad(loss, list(p.values()) + list(beta.values()))
-    print(f"meta-loss: PyTorch {loss.item():.12f}, TensorFlow {float(d['loss']):.12f}")
-    for name, g in zip(NAMES, grads):
+        theta = maml_torch.adapt(p, beta, xs, ys, True, phi, eps, samples)
+        loss = loss + F.cross_entropy(maml_torch.forward(xq, theta, beta, phi), yq) / tasks
+    leaves = [params[NAMES[n][0]][NAMES[n][1]] for n in tf_names]
+    grads = torch.autograd.grad(loss, leaves)
+    print(f"meta-loss: PyTorch {loss.item():.12f}, TensorFlow {float(d['loss']):.12f}"
+          f" ({len(tf_names)} variables, S = {samples})")
+    for name, g in zip(tf_names, grads):
         g = g.numpy()
         if g.ndim == 4:
             g = g.transpose(2, 3, 1, 0)
         ref = d["grad:" + name]
-        print(f"{name:17s} max |difference| {np.abs(g - ref).max():.1e}   "
+        print(f"{name:23s} max |difference| {np.abs(g - ref).max():.1e}   "
               f"max |gradient| {np.abs(ref).max():.1e}")
 
 
