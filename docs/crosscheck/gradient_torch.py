@@ -28,10 +28,17 @@ NAMES.update({"head/kernel:0": ("p", "wd"), "head/bias:0": ("p", "bd"),
               "head/noise_kernel:0": ("phi", "vd"), "head/noise_bias:0": ("phi", "cd")})
 
 
-def to_torch_layout(a):
-    """TensorFlow's [3, 3, in, out] kernels and [N, H, W, C] maps to PyTorch's."""
+def to_torch_variable(a):
+    """A TensorFlow variable in PyTorch's layout ([3, 3, in, out] kernels to
+    [out, in, 3, 3]), float64."""
     a = torch.tensor(a, dtype=torch.float64)
     return a.permute(3, 2, 0, 1).contiguous() if a.ndim == 4 else a
+
+
+def to_torch_maps(a):
+    """[.., H, W, C] images or noise maps to PyTorch's [.., C, H, W], float64
+    (other arrays only to float64)."""
+    return (maml_torch.to_torch(a) if a.ndim == 4 else torch.from_numpy(a)).double()
 
 
 def feeder(d):
@@ -40,8 +47,7 @@ def feeder(d):
                         key=lambda k: int(k.split(":")[1])))
 
     def eps(shape):
-        a = d[next(draws)]
-        a = torch.tensor(np.moveaxis(a, -1, 1) if a.ndim == 4 else a, dtype=torch.float64)
+        a = to_torch_maps(d[next(draws)])
         assert a.shape == shape, (a.shape, shape)
         return a
     return eps
@@ -53,15 +59,14 @@ def main(path):
     tf_names = [k[len("var:"):] for k in d.files if k.startswith("var:")]
     for name in tf_names:
         group, key = NAMES[name]
-        params[group][key] = to_torch_layout(d["var:" + name]).requires_grad_(True)
+        params[group][key] = to_torch_variable(d["var:" + name]).requires_grad_(True)
     p, phi, beta = params["p"], params["phi"], params["beta"]
     samples = int(d["mc_samples"]) if "mc_samples" in d.files else 1
     eps = feeder(d) if phi else None
     tasks = d["batch:support_x"].shape[0]
     loss = 0
     for b in range(tasks):
-        xs = torch.tensor(np.moveaxis(d["batch:support_x"][b], -1, 1), dtype=torch.float64)
-        xq = torch.tensor(np.moveaxis(d["batch:query_x"][b], -1, 1), dtype=torch.float64)
+        xs, xq = to_torch_maps(d["batch:support_x"][b]), to_torch_maps(d["batch:query_x"][b])
         ys = torch.tensor(d["batch:support_y"][b]).long()
         yq = torch.tensor(d["batch:query_y"][b]).long()
         theta = maml_torch.adapt(p, beta, xs, ys, True, phi, eps, samples)
