@@ -159,6 +159,31 @@ def evaluate(p, phi, beta, test_images, episodes=1000, samples=30, seed=1000):
     return np.array(accs) * 100
 
 
+def restore(path, p, phi, beta, opt):
+    """Loads a checkpoint written by main() into the leaf tensors and Adam."""
+    ckpt = torch.load(path)
+    with torch.no_grad():
+        for mine, saved in ((p, ckpt["p"]), (phi, ckpt["phi"]), (beta, ckpt["beta"])):
+            for k in mine:
+                mine[k].copy_(saved[k])
+    opt.load_state_dict(ckpt["opt"])
+
+
+def replay(iters, images, rng, eps):
+    """Advances the episode stream (rng) and the noise stream (eps, None for
+    MAML) past ``iters`` meta-iterations by drawing what they drew, in the
+    same order and shapes, so that a resumed run continues the one it resumes."""
+    sizes = [28, 14, 7, 3]  # the four blocks' map sizes
+    for _ in range(iters):
+        sample_batch(images, rng)
+        if eps is None:
+            continue
+        for _ in range(B * STEPS):  # per task and inner step: each block's map, then the head's logits
+            for s in sizes:
+                eps((WAY * SHOT, C, s, s))
+            eps((WAY * SHOT, WAY))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -169,6 +194,8 @@ def main():
     ap.add_argument("--eval_every", type=int, default=500)
     ap.add_argument("--test_episodes", type=int, default=1000)
     ap.add_argument("--test_samples", type=int, default=30, help="S at test (meta-dropout)")
+    ap.add_argument("--resume", type=int, default=0,
+                    help="continue from OUT/ckpt-N.pt, with the random streams replayed to iteration N")
     args = ap.parse_args()
     meta_lr = args.meta_lr or (3e-4 if args.noise == "meta_dropout" else 1e-3)
     os.makedirs(args.out, exist_ok=True)
@@ -182,6 +209,9 @@ def main():
     p, phi, beta = init_params(gen, args.noise)
     params = list(p.values()) + list(phi.values()) + list(beta.values())
     opt = torch.optim.Adam(params, lr=meta_lr)
+    if args.resume:
+        restore(os.path.join(args.out, f"ckpt-{args.resume}.pt"), p, phi, beta, opt)
+        replay(args.resume, train, rng, eps if phi else None)
     log = open(os.path.join(args.out, "train.log"), "a")
 
     def say(line):
@@ -192,7 +222,7 @@ def main():
     say(f"{vars(args)}, meta lr {meta_lr}")
     t0 = time.time()
     acc_hist, loss_hist = [], []
-    for it in range(1, args.iters + 1):
+    for it in range(args.resume + 1, args.iters + 1):
         opt.zero_grad()
         meta_loss, meta_acc = 0.0, 0.0
         for xs, ys, xq, yq in sample_batch(train, rng):
@@ -208,7 +238,7 @@ def main():
         loss_hist.append(meta_loss.item())
         if it % 25 == 0:
             say(f"iter {it} loss {np.mean(loss_hist[-25:]):.3f} acc {100 * np.mean(acc_hist[-25:]):.1f} "
-                f"{(time.time() - t0) / it:.2f} s/iter")
+                f"{(time.time() - t0) / (it - args.resume):.2f} s/iter")
         if it % args.eval_every == 0 or it == args.iters:
             torch.save({"p": p, "phi": phi, "beta": beta, "opt": opt.state_dict()},
                        os.path.join(args.out, f"ckpt-{it}.pt"))
