@@ -12,6 +12,7 @@ project dependency, so run it from a venv of its own:
   /tmp/torchvenv/bin/python docs/crosscheck/maml_torch.py --out runs/torch_maml_s0   # ~75 min
   /tmp/torchvenv/bin/python docs/crosscheck/maml_torch.py --out runs/torch_metadrop_s0 \
       --noise meta_dropout   # meta lr 3e-4; S = 1 at meta-training, 30 at test
+  ... --iters 2000 --resume 1000   # continue from OUT/ckpt-1000.pt, as if never stopped
 
 ``--noise meta_dropout`` adds DESIGN.md's noise generator φ (a conv per block,
 a = α + ε, output μ ⊙ softplus(a); an additive head σ ⊙ ε with σ =
